@@ -1,0 +1,21 @@
+# `make run` and `make test` do all the set-up on a fresh machine (README.md).
+PYTHON ?= python3
+
+.PHONY: install run test services bench
+
+install:
+	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[dev]'
+
+run: install
+	rlora serve
+
+services:
+	./scripts/start-services
+
+test: install services
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) benchmarks/bench_layer.py

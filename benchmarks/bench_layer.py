@@ -1,0 +1,137 @@
+"""One adapted layer, forward + backward in training mode: time and saved activations.
+
+    python benchmarks/bench_layer.py [--tokens 2048] [--dim 2048] [--rank 8] [--repeats 15]
+
+Compared in the same run, on the same input:
+  base         the frozen nn.Linear alone (the floor every adapter pays)
+  loop         a per-head loop written like the reference code: h = A x, then for each head
+               its own dropout call on h and its own B_i matmul, added to the output one by one
+  input-drop   our fused layer with HydraLoRA's dropout on the full-width input x
+  ours         our fused R-LoRA layer (multi-head dropout on the rank-r intermediate)
+Times are medians. "adapter" columns subtract the base layer's median, so they compare the
+adapters' own cost. Saved activations are the bytes autograd keeps for backward beyond the
+layer's input and the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from rlora import AdapterConfig  # noqa: E402
+from rlora.layer import RLoRALinear  # noqa: E402
+
+
+class ReferenceLoopLayer(nn.Module):
+    """The computation as the reference code loops it, with the correction folded into W."""
+
+    def __init__(self, fused: RLoRALinear):
+        super().__init__()
+        self.base_layer = fused.base_layer
+        self.lora_A = fused.lora_A
+        self.lora_B = nn.ParameterList([nn.Parameter(b.detach().clone()) for b in fused.lora_B])
+        self.router = fused.router
+        self.scaling, self.dropout = fused.scaling, fused.dropout
+
+    def forward(self, x):
+        result = self.base_layer(x)
+        h = F.linear(x, self.lora_A)
+        weights = torch.softmax(F.linear(x, self.router).float(), -1).to(x.dtype)
+        for i, head in enumerate(self.lora_B):
+            h_i = F.dropout(h, self.dropout, training=self.training)
+            result = result + F.linear(h_i, head) * self.scaling * weights[..., i : i + 1]
+        return result
+
+
+def saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves in one forward, not counting x or weights."""
+    excluded = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters(), *layer.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(storages.values())
+
+
+def median_seconds(layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    grad = torch.randn(x.shape[:-1] + (layer.base_layer.out_features,))
+    times = []
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        layer(x).backward(grad)
+        elapsed = time.perf_counter() - start
+        if i >= 3:
+            times.append(elapsed)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--heads", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    print(f"# bench_layer: d={args.dim}, r={args.rank}, tokens={args.tokens}, dropout={args.dropout}, "
+          f"float32, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print()
+    print("| N | base ms | loop ms | input-drop ms | ours ms | ours/base | ours/loop | ours/loop (adapter) "
+          "| ours/input-drop (adapter) | saved: ours | saved: input-drop | saved: loop | saved ours/input-drop |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = nn.Linear(args.dim, args.dim)
+    x = torch.randn(args.tokens, args.dim, requires_grad=True)
+    for heads in args.heads:
+        def layer(method):
+            config = AdapterConfig(method=method, heads=heads, rank=args.rank, dropout=args.dropout)
+            return RLoRALinear(base, config, torch.Generator().manual_seed(0)).train()
+
+        ours, input_drop = layer("rlora"), layer("hydralora")
+        loop = ReferenceLoopLayer(ours).train()
+        t_base = median_seconds(_Frozen(base), x, args.repeats)
+        t_loop = median_seconds(loop, x, args.repeats)
+        t_input = median_seconds(input_drop, x, args.repeats)
+        t_ours = median_seconds(ours, x, args.repeats)
+        saved = {name: saved_activation_bytes(m, x) for name, m in [("ours", ours), ("input", input_drop), ("loop", loop)]}
+        print(
+            f"| {heads} | {t_base * 1e3:.1f} | {t_loop * 1e3:.1f} | {t_input * 1e3:.1f} | {t_ours * 1e3:.1f} "
+            f"| {t_ours / t_base:.3f} | {t_ours / t_loop:.3f} | {(t_ours - t_base) / (t_loop - t_base):.3f} "
+            f"| {(t_ours - t_base) / (t_input - t_base):.3f} "
+            f"| {saved['ours'] / 2**20:.2f} MiB | {saved['input'] / 2**20:.2f} MiB | {saved['loop'] / 2**20:.2f} MiB "
+            f"| {saved['ours'] / saved['input']:.3f} |"
+        )
+
+
+class _Frozen(nn.Module):
+    """The base layer alone, with the same interface as the adapters for timing."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base_layer(x)
+
+
+if __name__ == "__main__":
+    main()

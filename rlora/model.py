@@ -1,0 +1,217 @@
+"""Attaching adapters to a model, and the adapter folder: ``save`` and ``load``.
+
+The adapter folder is a documented format (DESIGN.md section 3): ``adapter_config.json`` holds
+the `AdapterConfig`, the base model's name and fingerprint and the library version;
+``adapter_model.safetensors`` holds, for each adapted module path ``P``, ``P.lora_A``,
+``P.lora_B``, ``P.router`` (not for lora), ``P.lora_A0`` and ``P.lora_B0`` (only when the heads
+start non-zero).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ALL_LINEAR, AdapterConfig
+from .layer import RLoRALinear
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+ADAPTER_TENSORS = ("lora_A", "lora_B", "router", "lora_A0", "lora_B0")
+# Config keys that say where or how a model was loaded, not what it is.
+_VOLATILE_CONFIG_KEYS = {"name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter does not fit the model it is loaded into."""
+
+
+def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Wrap the model's target `nn.Linear` layers in `RLoRALinear`, in place, and return it.
+
+    Every base parameter is frozen; only adapter parameters are trainable. Initialisation draws
+    from a generator seeded by ``config.seed``, so the global RNG is left as it was.
+    """
+    if adapter_layers(model):
+        raise ValueError("model already has adapters attached; load it fresh to attach another")
+    targets = _target_linears(model, config)
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(config.seed)
+    for path in targets:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, RLoRALinear(getattr(parent, child), config, generator))
+    model.rlora_config = config
+    return model
+
+
+def adapter_layers(model: nn.Module) -> dict[str, RLoRALinear]:
+    """Adapted module path -> layer, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, RLoRALinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their documented names, e.g. ``P.lora_B`` (N, d_out, r)."""
+    tensors = {}
+    for path, layer in adapter_layers(model).items():
+        for key in ADAPTER_TENSORS:
+            tensor = getattr(layer, key)
+            if tensor is not None:
+                tensors[f"{path}.{key}"] = tensor.detach()
+    return tensors
+
+
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy documented tensors into the attached adapter; names and shapes must match exactly."""
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterMismatchError(
+            f"adapter tensors do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    with torch.no_grad():
+        for name, target in expected.items():
+            if tensors[name].shape != target.shape:
+                raise AdapterMismatchError(f"{name}: shape {tuple(tensors[name].shape)} in the adapter, {tuple(target.shape)} in the model")
+            target.copy_(tensors[name])
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, base_model_name: str | None = None) -> Path:
+    """Write the adapter folder atomically: a reader sees the old folder or the new one, never half."""
+    config: AdapterConfig = _config_of(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": "rlora-adapter",
+        "format_version": FORMAT_VERSION,
+        **config.to_dict(),
+        "base_model_name": base_model_name or base_model_name_of(model),
+        "base_model_fingerprint": base_model_fingerprint(model),
+        "rlora_version": _version(),
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_dir(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any]]:
+    """The `AdapterConfig` of an adapter folder, and the folder's other metadata."""
+    meta = json.loads((Path(path) / CONFIG_FILE).read_text())
+    if meta.get("format") != "rlora-adapter":
+        raise AdapterMismatchError(f"{path} is not an rlora adapter folder (format {meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterMismatchError(f"{path} has format version {meta['format_version']}; this library reads up to {FORMAT_VERSION}")
+    fields = AdapterConfig.__dataclass_fields__
+    config = AdapterConfig.from_dict({k: v for k, v in meta.items() if k in fields})
+    return config, {k: v for k, v in meta.items() if k not in fields}
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
+    """Attach the adapter saved at ``path`` to a fresh base model, in place, and return it.
+
+    Refuses an adapter made for another base model (by config fingerprint) unless
+    ``check_base`` is false.
+    """
+    config, meta = read_adapter_config(path)
+    if check_base:
+        fingerprint = base_model_fingerprint(model)
+        if meta.get("base_model_fingerprint") != fingerprint:
+            raise AdapterMismatchError(
+                f"adapter {str(path)!r} was made for base model {meta.get('base_model_name')!r} "
+                f"(fingerprint {str(meta.get('base_model_fingerprint'))[:12]}), not for {base_model_name_of(model)!r} "
+                f"(fingerprint {fingerprint[:12]})"
+            )
+    attach(model, config)
+    load_adapter_state_dict(model, load_file(Path(path) / WEIGHTS_FILE, device=str(_device_of(model))))
+    return model
+
+
+def base_model_fingerprint(model: nn.Module) -> str:
+    """sha256 of what defines the base architecture: its HF config, else its parameter shapes."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_dict"):
+        described = {
+            k: v for k, v in hf_config.to_dict().items()
+            if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")
+        }
+    else:
+        described = {
+            name: list(p.shape) for name, p in model.named_parameters()
+            if not any(name.endswith(f".{t}") for t in ADAPTER_TENSORS)
+        }
+    canonical = json.dumps(described, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def base_model_name_of(model: nn.Module) -> str:
+    hf_config = getattr(model, "config", None)
+    name = getattr(hf_config, "name_or_path", "") if hf_config is not None else ""
+    return Path(name).name if name else type(model).__name__
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _target_linears(model: nn.Module, config: AdapterConfig) -> list[str]:
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if config.target_modules == ALL_LINEAR:
+        # As PEFT's "all-linear": every linear layer but the output projection.
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [name for name, m in linears.items() if m is not output]
+    wanted = set(config.target_modules)
+    found = [name for name in linears if name.rpartition(".")[2] in wanted or name in wanted]
+    matched = {name.rpartition(".")[2] for name in found} | {name for name in found}
+    unknown = sorted(wanted - matched)
+    if unknown:
+        available = sorted({name.rpartition(".")[2] for name in linears})
+        raise ValueError(
+            f"target_modules {unknown} match no linear layer of this model; "
+            f"its linear layers are: {', '.join(available) or 'none'} (or use {ALL_LINEAR!r})"
+        )
+    return found
+
+
+def _config_of(model: nn.Module) -> AdapterConfig:
+    config = getattr(model, "rlora_config", None)
+    if config is None:
+        raise ValueError("model has no adapter attached (call rlora.attach first)")
+    return config
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(iter(adapter_layers(model).values())).lora_A.device
+
+
+def _replace_dir(staging: Path, path: Path) -> None:
+    """Move ``staging`` to ``path``, replacing an existing folder with two renames."""
+    if path.exists():
+        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, retired)
+        os.rename(staging, path)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, path)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,124 @@
+"""The built-in tiny base model: a small Llama-architecture causal LM with a byte-level tokenizer.
+
+It is written as an ordinary Hugging Face folder, so everything that loads real models
+(``AutoModelForCausalLM``, ``AutoTokenizer``) loads it too, offline. It is the embedded default
+base model of the service and the model the test suite trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_MODEL_NAME = "tiny"
+
+# Byte-level vocabulary: the 256 bytes, then the special tokens. Every text round-trips.
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"]
+VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+# A chat template in the model's own special tokens, so `messages` records tokenize the same
+# way a chat model's would.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|eos|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+TINY_CONFIG = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
+)
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer with no merges: one token per UTF-8 byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    # Order the alphabet by byte value, so token id == byte value.
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    assert set(vocab) == set(byte_chars)
+    for offset, token in enumerate(SPECIAL_TOKENS):
+        vocab[token] = 256 + offset
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=TINY_CONFIG["max_position_embeddings"],
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-character map, which ByteLevel uses."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tiny model and its tokenizer to ``path`` (atomically) and return the path.
+
+    The weights depend only on ``seed``. An existing complete folder is left as it is.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            model = LlamaForCausalLM(LlamaConfig(**TINY_CONFIG))
+        finally:
+            torch.random.set_rng_state(generator_state)
+        model.config.name_or_path = TINY_MODEL_NAME
+        model.save_pretrained(staging, safe_serialization=True)
+        build_tokenizer().save_pretrained(staging)
+        (staging / "rlora_tiny.json").write_text(json.dumps({"seed": seed}))
+        try:
+            os.rename(staging, path)
+        except OSError:
+            # Another process finished first; its folder is equally good.
+            if not (path / "config.json").exists():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path

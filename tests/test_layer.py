@@ -1,0 +1,217 @@
+"""The adapter layer against a plain per-head loop, its masks, and its exact start."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlora import AdapterConfig
+from rlora.layer import RLoRALinear
+
+VARIANTS = {
+    "lora": dict(method="lora"),
+    "hydralora": dict(method="hydralora", heads=3),
+    "rlora": dict(method="rlora", heads=3),
+    "rlora-no-md": dict(method="rlora", heads=3, multi_head_dropout=False),
+    "rlora-no-mi": dict(method="rlora", heads=3, random_init=False),
+}
+
+
+def make_layer(variant, d_in=24, d_out=20, rank=4, dropout=0.3, seed=0, **extra):
+    torch.manual_seed(1234)
+    base = nn.Linear(d_in, d_out)
+    config = AdapterConfig(rank=rank, dropout=dropout, seed=seed, **{**VARIANTS[variant], **extra})
+    layer = RLoRALinear(base, config, torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # trained-looking weights, so every term matters
+        layer.lora_B.add_(torch.randn_like(layer.lora_B) * 0.1)
+        if layer.router is not None:
+            layer.router.add_(torch.randn_like(layer.router))
+    return layer
+
+
+def per_head_loop(layer, x, head_masks=None, input_mask=None):
+    """The reference computation: one B_i matmul per head, as the paper writes it."""
+    y = layer.base_layer(x)
+    A, B, s = layer.lora_A, layer.lora_B, layer.scaling
+    x_a = x * input_mask if input_mask is not None else x
+    h = x_a @ A.T
+    w = torch.softmax(x @ layer.router.T, -1) if layer.router is not None else torch.ones(*x.shape[:-1], 1)
+    for i in range(layer.heads):
+        h_i = h * head_masks[..., i, :] if head_masks is not None else h
+        y = y + s * w[..., i : i + 1] * (h_i @ B[i].T)
+    if layer.has_correction:
+        y = y - s * (x @ layer.lora_A0.T) @ layer.lora_B0.T
+    return y
+
+
+def masks_of(layer, x, seed):
+    """The masks the layer's forward pass draws after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    if layer.multi_head_dropout:
+        return layer.head_dropout_mask(torch.empty(*x.shape[:-1], layer.rank, dtype=x.dtype)), None
+    return None, F.dropout(torch.ones_like(x), layer.dropout, training=True)
+
+
+def grads(layer, out, x):
+    """Gradients of a fixed random projection of the output."""
+    params = [layer.lora_A, layer.lora_B] + ([layer.router] if layer.router is not None else [])
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(11))
+    return torch.autograd.grad((out.float() * cotangent).sum(), params + [x])
+
+
+def assert_close_in_norm(got, want, tolerance):
+    error = (got.float() - want).norm() / want.norm().clamp_min(1e-12)
+    assert error < tolerance, f"relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_equals_per_head_loop_float32(variant, training):
+    layer = make_layer(variant).train(training)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    torch.manual_seed(7)
+    fused = layer(x)
+    head_masks, input_mask = masks_of(layer, x, 7) if training else (None, None)
+    oracle = per_head_loop(layer, x, head_masks, input_mask)
+    torch.testing.assert_close(fused, oracle, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(layer, fused, x), grads(layer, oracle, x)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_equals_per_head_loop_bfloat16(variant):
+    layer = make_layer(variant).train()
+    x32 = torch.randn(4, 9, 24)
+    layer_bf16 = make_layer(variant).train().to(torch.bfloat16)
+    x = x32.to(torch.bfloat16).requires_grad_()
+    torch.manual_seed(3)
+    fused = layer_bf16(x)
+    head_masks, input_mask = masks_of(layer_bf16, x, 3)
+    # The oracle runs in float32 on the same (bf16-rounded) weights and masks.
+    layer.load_state_dict({k: v.float() for k, v in layer_bf16.state_dict().items()})
+    x_ref = x.detach().float().requires_grad_()
+    oracle = per_head_loop(
+        layer, x_ref,
+        head_masks.float() if head_masks is not None else None,
+        input_mask.float() if input_mask is not None else None,
+    )
+    assert fused.dtype == torch.bfloat16
+    assert_close_in_norm(fused, oracle, 1e-2)
+    for got, want in zip(grads(layer_bf16, fused, x), grads(layer, oracle, x_ref)):
+        assert_close_in_norm(got, want, 2e-2)
+
+
+def test_autocast_bfloat16_runs_and_keeps_router_softmax_in_float32():
+    layer = make_layer("rlora").train()
+    seen = []
+    layer.routing_observer = lambda _, w: seen.append(w)
+    x = torch.randn(2, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.dtype == torch.float32
+    # Weights sum to one up to bf16 rounding of a float32 softmax.
+    torch.testing.assert_close(seen[0].float().sum(-1), torch.ones(2, 5), atol=1e-2, rtol=0)
+
+
+def one_hot_heads_layer(variant, dropout):
+    """d_out = N*r and B_i copies h into block i: the output shows each head's input."""
+    n, r = 3, 8
+    extra = {"random_init": False} if variant == "rlora" else {}
+    layer = make_layer(variant, d_in=16, d_out=n * r, rank=r, dropout=dropout, **extra)
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.base_layer.bias.zero_()
+        layer.router.zero_()
+        layer.lora_B.zero_()
+        for i in range(n):
+            layer.lora_B[i, i * r : (i + 1) * r, :] = torch.eye(r)
+    return layer
+
+
+def observed_head_masks(layer, x):
+    n, r = layer.heads, layer.rank
+    h = x @ layer.lora_A.T
+    out = layer(x).reshape(*x.shape[:-1], n, r)
+    return out / (layer.scaling / n) / h.unsqueeze(-2)
+
+
+def test_heads_get_independent_dropout_masks():
+    layer = one_hot_heads_layer("rlora", dropout=0.5).train()
+    x = torch.randn(64, 32, 16)
+    masks = observed_head_masks(layer, x)
+    values = masks.round(decimals=3).unique().tolist()
+    assert values == [0.0, 2.0]
+    keep = (masks > 0).float()
+    assert abs(keep.mean().item() - 0.5) < 0.02
+    # Independent heads agree on about half the entries, identical ones on all.
+    for i in range(3):
+        for j in range(i + 1, 3):
+            agreement = (keep[..., i, :] == keep[..., j, :]).float().mean().item()
+            assert 0.45 < agreement < 0.55
+    # Different tokens get different masks too.
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+
+
+def test_eval_mode_has_no_dropout():
+    layer = one_hot_heads_layer("rlora", dropout=0.5).eval()
+    masks = observed_head_masks(layer, torch.randn(4, 8, 16))
+    torch.testing.assert_close(masks, torch.ones_like(masks))
+
+
+def test_input_dropout_is_shared_by_all_heads():
+    layer = one_hot_heads_layer("hydralora", dropout=0.5).train()
+    x = torch.randn(8, 8, 16)
+    torch.manual_seed(0)
+    out = layer(x).reshape(8, 8, 3, 8)
+    torch.testing.assert_close(out[..., 0, :], out[..., 1, :])
+    torch.testing.assert_close(out[..., 0, :], out[..., 2, :])
+    assert not torch.allclose(out, layer.eval()(x).reshape(8, 8, 3, 8))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_layer_starts_exactly_at_the_base_layer(variant):
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48)
+    layer = RLoRALinear(base, AdapterConfig(**VARIANTS[variant]), torch.Generator().manual_seed(5)).eval()
+    x = torch.randn(10, 64)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6)
+
+
+def test_rlora_initialisation_follows_table_1():
+    d_in, d_out, r, n = 512, 1024, 16, 4
+    layer = RLoRALinear(nn.Linear(d_in, d_out), AdapterConfig(heads=n, rank=r), torch.Generator().manual_seed(0))
+    c = d_out**0.25 / math.sqrt(64)
+    assert layer.lora_A.std().item() == pytest.approx(c / math.sqrt(d_in), rel=0.05)
+    assert layer.lora_B.std().item() == pytest.approx(c / math.sqrt(d_out), rel=0.05)
+    torch.testing.assert_close(layer.lora_A0, layer.lora_A.detach())
+    torch.testing.assert_close(layer.lora_B0, layer.lora_B.detach().mean(0))
+    assert torch.count_nonzero(layer.router) == 0
+    assert not layer.lora_A0.requires_grad and not layer.lora_B0.requires_grad
+
+
+def test_reference_init_scale_uses_rank():
+    d_in, d_out, r = 512, 1024, 16
+    layer = RLoRALinear(
+        nn.Linear(d_in, d_out), AdapterConfig(rank=r, init_scale="reference"), torch.Generator().manual_seed(0)
+    )
+    c = r**0.25 / math.sqrt(64)
+    assert layer.lora_B.std().item() == pytest.approx(c / math.sqrt(d_out), rel=0.05)
+
+
+def test_zero_head_methods_have_no_correction_and_kaiming_a():
+    for variant in ("lora", "hydralora", "rlora-no-mi"):
+        layer = RLoRALinear(nn.Linear(256, 32), AdapterConfig(**VARIANTS[variant]), torch.Generator().manual_seed(0))
+        assert not layer.has_correction
+        assert torch.count_nonzero(layer.lora_B) == 0
+        bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)) as PEFT
+        assert layer.lora_A.abs().max().item() <= bound
+        assert layer.lora_A.abs().max().item() > 0.9 * bound
+
+
+def test_rank_stabilized_scaling():
+    assert AdapterConfig(rank=16, alpha=32).scaling == 2.0
+    assert AdapterConfig(rank=16, alpha=32, rank_stabilized=True).scaling == 8.0
