@@ -1,0 +1,218 @@
+"""The trainer: learning, exact resume, cancellation, outputs, and `rlora train`."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlora.trainer import Progress, TrainingCancelled, cli_train, latest_checkpoint, read_train_config, train
+from rlora.training_config import TrainConfig
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture
+def datasets(tmp_path):
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdef") for _ in range(4)) for _ in range(120)]
+    reverse = write_jsonl(tmp_path / "reverse.jsonl", [{"prompt": f"rev {w}", "completion": w[::-1]} for w in words])
+    answer = write_jsonl(
+        tmp_path / "answer.jsonl",
+        [{"instruction": "Say ok.", "input": w, "output": "ok", "task": "ok"} for w in words],
+    )
+    return {"reverse": reverse, "answer": answer}
+
+
+def make_config(datasets, output_dir, **training):
+    settings = dict(max_steps=12, batch_size=4, learning_rate=5e-3, max_seq_len=48, checkpoint_every=4,
+                    eval_max_examples=8, eval_max_new_tokens=4, validation_share=0.1)
+    settings.update(training)
+    return TrainConfig(
+        base_model="tiny",
+        mixture=[{"path": datasets["reverse"], "task": "reverse", "weight": 1.0},
+                 {"path": datasets["answer"], "task": "answer", "weight": 2.0}],
+        adapter={"method": "rlora", "heads": 3, "rank": 4, "dropout": 0.2},
+        training=settings,
+        output_dir=str(output_dir),
+    )
+
+
+def run(config, tiny_model_path, **callbacks):
+    return train(config, cache_dir=tiny_model_path.parent, **callbacks)
+
+
+def adapter_tensors(output_dir):
+    return load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_loss_falls_and_an_easy_task_is_learned(datasets, tmp_path, tiny_model_path):
+    config = make_config(datasets, tmp_path / "out", max_steps=50, learning_rate=3e-2, checkpoint_every=100)
+    config.mixture.pop(0)  # only the constant-answer task
+    metrics = run(config, tiny_model_path)
+    losses = [point["loss"] for point in metrics["train_loss"]]
+    assert len(losses) == 50
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:3]) / 3
+    assert metrics["eval"]["answer"]["accuracy"] == 1.0  # the constant answer is learned exactly
+    assert metrics["eval"]["answer"]["loss"] < 0.7 * losses[0]
+
+
+def test_outputs_metrics_and_adapter_folder(datasets, tmp_path, tiny_model_path):
+    events = []
+    progress = []
+    metrics = run(make_config(datasets, tmp_path / "out"), tiny_model_path,
+                  on_event=lambda kind, data: events.append((kind, data)), on_progress=progress.append)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    assert set(metrics) >= {"train_loss", "eval", "head_similarity", "routing", "tokens_per_second", "peak_memory_bytes"}
+    assert set(metrics["eval"]) == {"reverse", "answer"}
+    assert 0 <= metrics["head_similarity"]["mean"] < 1
+    assert len(metrics["routing"]["per_layer"]) == 6 and metrics["tokens_per_second"] > 0
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    assert [kind for kind, _ in events] == ["checkpoint"] * 3 + ["eval"]
+    assert [e[1]["step"] for e in events[:3]] == [4, 8, 12]
+    assert [p.step for p in progress] == list(range(1, 13))
+    assert all(isinstance(p, Progress) and p.total_steps == 12 and p.learning_rate > 0 for p in progress)
+    assert progress[-1].eta_seconds == 0
+    # Checkpoints are complete folders, the oldest pruned, nothing half-written left.
+    names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert names == ["step-00000008", "step-00000012"]
+    # Running a finished config again returns its metrics without training.
+    assert run(make_config(datasets, tmp_path / "out"), tiny_model_path, on_progress=progress.append) == written
+    assert len(progress) == 12
+
+
+class Crash(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_adapter(datasets, tmp_path, tiny_model_path):
+    straight = run(make_config(datasets, tmp_path / "straight"), tiny_model_path)
+
+    def crash_at_step_6(progress):
+        if progress.step == 6:
+            raise Crash()  # after step 6, while the last checkpoint is step 4
+
+    with pytest.raises(Crash):
+        run(make_config(datasets, tmp_path / "resumed"), tiny_model_path, on_progress=crash_at_step_6)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000004"
+    events = []
+    resumed = run(make_config(datasets, tmp_path / "resumed"), tiny_model_path,
+                  on_event=lambda kind, data: events.append((kind, data)))
+    assert events[0] == ("resumed", {"step": 4})
+    assert [p["loss"] for p in resumed["train_loss"]] == pytest.approx([p["loss"] for p in straight["train_loss"]], abs=1e-5)
+    expected = adapter_tensors(tmp_path / "straight")
+    got = adapter_tensors(tmp_path / "resumed")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5)
+    assert resumed["eval"] == straight["eval"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(datasets, tmp_path, tiny_model_path):
+    with pytest.raises(Crash):
+        run(make_config(datasets, tmp_path / "out"), tiny_model_path,
+            on_progress=lambda p: (_ for _ in ()).throw(Crash()) if p.step == 5 else None)
+    with pytest.raises(ValueError, match="different run"):
+        run(make_config(datasets, tmp_path / "out", learning_rate=1e-3), tiny_model_path)
+
+
+def test_should_stop_cancels_within_a_step(datasets, tmp_path, tiny_model_path):
+    steps = []
+    with pytest.raises(TrainingCancelled, match="stopped at step 3 of 12"):
+        run(make_config(datasets, tmp_path / "out"), tiny_model_path,
+            on_progress=lambda p: steps.append(p.step), should_stop=lambda: len(steps) >= 3)
+    assert steps == [1, 2, 3]
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(datasets, tmp_path, tiny_model_path):
+    def final(output, **settings):
+        config = make_config(datasets, tmp_path / output, max_steps=3, **settings)
+        config.adapter["dropout"] = 0.0
+        run(TrainConfig(**config.model_dump()), tiny_model_path)
+        return adapter_tensors(tmp_path / output)
+
+    big = final("big", batch_size=8)
+    accumulated = final("accumulated", batch_size=4, gradient_accumulation_steps=2)
+    for name, tensor in big.items():
+        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_epochs_decide_the_length(datasets, tmp_path, tiny_model_path):
+    config = make_config(datasets, tmp_path / "out", max_steps=None, epochs=0.25, batch_size=8, eval_max_examples=1)
+    metrics = run(config, tiny_model_path)
+    # 0.25 * (108 + 108 training examples) / 8 per step
+    assert metrics["steps"] == 7
+
+
+def test_gradient_checkpointing_gives_the_same_training(datasets, tmp_path, tiny_model_path):
+    plain = run(make_config(datasets, tmp_path / "plain", max_steps=3), tiny_model_path)
+    checkpointed = run(make_config(datasets, tmp_path / "ckpt", max_steps=3, gradient_checkpointing=True), tiny_model_path)
+    assert [p["loss"] for p in checkpointed["train_loss"]] == pytest.approx([p["loss"] for p in plain["train_loss"]], abs=1e-5)
+
+
+def test_read_train_config_reports_every_bad_field(tmp_path):
+    (tmp_path / "bad.yaml").write_text(
+        "base_model: tiny\n"
+        "mixture:\n  - {path: a.jsonl, task: qa, weight: 0}\n"
+        "adapter: {heads: 100}\n"
+        "training: {max_steps: 0, lerning_rate: 1}\n"
+        "output_dir: out\n"
+    )
+    with pytest.raises(ValueError) as err:
+        read_train_config(tmp_path / "bad.yaml")
+    message = str(err.value)
+    for expected in ("mixture[0].weight", "adapter", "heads", "training.max_steps", "training.lerning_rate"):
+        assert expected in message
+    (tmp_path / "broken.yaml").write_text("base_model: [tiny\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        read_train_config(tmp_path / "broken.yaml")
+
+
+def test_cli_train_exit_codes(datasets, tmp_path, capsys):
+    (tmp_path / "missing.yaml").write_text(
+        "base_model: tiny\nmixture: [{path: nowhere.jsonl, task: qa}]\noutput_dir: out\n"
+    )
+    assert cli_train(str(tmp_path / "missing.yaml")) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "unknown.yaml").write_text(
+        f"base_model: no-such-model\nmixture: [{{path: {datasets['reverse']}, task: qa}}]\n"
+        "training: {max_steps: 1}\noutput_dir: out\n"
+    )
+    assert cli_train(str(tmp_path / "unknown.yaml")) == 1
+    assert "unknown base model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_rlora_train_command_end_to_end_resumes_after_a_kill(datasets, tmp_path, tiny_model_path):
+    """The installed command: killed mid-run, the same command again finishes from the checkpoint."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "base_model: tiny\n"
+        f"mixture:\n  - {{path: {datasets['reverse']}, task: reverse}}\n  - {{path: {datasets['answer']}, task: answer, weight: 2}}\n"
+        "adapter: {method: rlora, heads: 3, rank: 4}\n"
+        "training: {max_steps: 150, batch_size: 4, max_seq_len: 48, checkpoint_every: 5, eval_max_examples: 4, eval_max_new_tokens: 4}\n"
+        "output_dir: out\n"
+    )
+    env = {"RLORA_HOME": str(tiny_model_path.parent.parent), "PATH": __import__("os").environ["PATH"]}
+    command = [sys.executable, "-c", "import sys; from rlora.trainer import cli_train; sys.exit(cli_train(sys.argv[1]))", str(config)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out_dir = tmp_path / "out"
+    import time
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(out_dir) is None or latest_checkpoint(out_dir).name < "step-00000010":
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    assert not (out_dir / "metrics.json").exists()
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming from the checkpoint at step" in finished.stderr
+    summary = json.loads(finished.stdout)
+    assert summary["steps"] == 150 and set(summary["eval"]) == {"reverse", "answer"}
