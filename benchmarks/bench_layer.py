@@ -68,18 +68,21 @@ def saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def median_seconds(layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    grad = torch.randn(x.shape[:-1] + (layer.base_layer.out_features,))
-    times = []
+def median_seconds(layers: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median forward + backward time of each layer. The layers take turns within every
+    repeat, so a burst of load on the machine hits them all alike."""
+    grad = torch.randn(x.shape[:-1] + (next(iter(layers.values())).base_layer.out_features,))
+    times: dict[str, list[float]] = {name: [] for name in layers}
     for i in range(repeats + 3):
-        start = time.perf_counter()
-        layer(x).backward(grad)
-        elapsed = time.perf_counter() - start
-        if i >= 3:
-            times.append(elapsed)
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-    return statistics.median(times)
+        for name, layer in layers.items():
+            start = time.perf_counter()
+            layer(x).backward(grad)
+            elapsed = time.perf_counter() - start
+            if i >= 3:
+                times[name].append(elapsed)
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -93,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    print(f"# bench_layer: d={args.dim}, r={args.rank}, tokens={args.tokens}, dropout={args.dropout}, "
+    print(f"# bench_layer {time.strftime('%Y-%m-%d')}: d={args.dim}, r={args.rank}, tokens={args.tokens}, dropout={args.dropout}, "
           f"float32, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print()
     print("| N | base ms | loop ms | input-drop ms | ours ms | ours/base | ours/loop | ours/loop (adapter) "
@@ -108,10 +111,8 @@ def main() -> None:
 
         ours, input_drop = layer("rlora"), layer("hydralora")
         loop = ReferenceLoopLayer(ours).train()
-        t_base = median_seconds(_Frozen(base), x, args.repeats)
-        t_loop = median_seconds(loop, x, args.repeats)
-        t_input = median_seconds(input_drop, x, args.repeats)
-        t_ours = median_seconds(ours, x, args.repeats)
+        t = median_seconds({"base": _Frozen(base), "loop": loop, "input": input_drop, "ours": ours}, x, args.repeats)
+        t_base, t_loop, t_input, t_ours = t["base"], t["loop"], t["input"], t["ours"]
         saved = {name: saved_activation_bytes(m, x) for name, m in [("ours", ours), ("input", input_drop), ("loop", loop)]}
         print(
             f"| {heads} | {t_base * 1e3:.1f} | {t_loop * 1e3:.1f} | {t_input * 1e3:.1f} | {t_ours * 1e3:.1f} "

@@ -10,6 +10,14 @@ METHODS = ("lora", "hydralora", "rlora")
 DEFAULT_TARGET_MODULES = ("gate_proj", "up_proj", "down_proj")  # paper, Appendix C
 ALL_LINEAR = "all-linear"
 INIT_SCALES = ("paper", "reference")
+# The paper's methods and its two R-LoRA ablations (Table 5) as AdapterConfig settings.
+VARIANTS = {
+    "lora": dict(method="lora"),
+    "hydralora": dict(method="hydralora"),
+    "rlora": dict(method="rlora"),
+    "rlora-no-md": dict(method="rlora", multi_head_dropout=False),
+    "rlora-no-mi": dict(method="rlora", random_init=False),
+}
 
 
 class AdapterConfigError(ValueError):

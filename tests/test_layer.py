@@ -8,15 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlora import AdapterConfig
+from rlora.config import VARIANTS
 from rlora.layer import RLoRALinear
 
-VARIANTS = {
-    "lora": dict(method="lora"),
-    "hydralora": dict(method="hydralora", heads=3),
-    "rlora": dict(method="rlora", heads=3),
-    "rlora-no-md": dict(method="rlora", heads=3, multi_head_dropout=False),
-    "rlora-no-mi": dict(method="rlora", heads=3, random_init=False),
-}
 
 
 def make_layer(variant, d_in=24, d_out=20, rank=4, dropout=0.3, seed=0, **extra):

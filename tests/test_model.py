@@ -8,15 +8,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import rlora
 from rlora import AdapterConfig, AdapterConfigError, AdapterMismatchError
+from rlora.config import VARIANTS
 from rlora.model import adapter_state_dict
 
-VARIANTS = {
-    "lora": dict(method="lora"),
-    "hydralora": dict(method="hydralora", heads=3),
-    "rlora": dict(method="rlora", heads=3),
-    "rlora-no-md": dict(method="rlora", heads=3, multi_head_dropout=False),
-    "rlora-no-mi": dict(method="rlora", heads=3, random_init=False),
-}
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 
