@@ -1,0 +1,36 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from worker.celery_app import create_celery
+
+from .db import Database
+from .errors import install_error_handlers
+from .migrate import upgrade_database
+from .routes import adapters, files, health, jobs, models
+from .settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.prepare_dirs()
+        upgrade_database(settings.database)
+        yield
+        app.state.db.dispose()
+
+    app = FastAPI(title="rlora", summary="Multi-tenant R-LoRA fine-tuning", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.db = Database(settings.database)
+    app.state.celery = create_celery(settings)
+    install_error_handlers(app)
+    for module in (health, files, jobs, adapters, models):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,53 @@
+"""API keys: created per tenant, stored as sha256, checked from ``Authorization: Bearer``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .deps import SessionDep
+from .errors import APIError
+from .ids import KEY_SHOWN_CHARS, hash_api_key, new_api_key
+from .models import ApiKey, Tenant
+
+
+class TenantExists(ValueError):
+    pass
+
+
+def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
+    """A new tenant and its first API key (the only time the key is seen in clear)."""
+    if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
+        raise TenantExists(f"tenant {name!r} exists")
+    tenant = Tenant(name=name)
+    session.add(tenant)
+    session.flush()
+    key = new_api_key()
+    session.add(ApiKey(tenant_id=tenant.id, prefix=key[:KEY_SHOWN_CHARS], key_hash=hash_api_key(key)))
+    session.commit()
+    return tenant, key
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def current_tenant(request: Request, session: SessionDep) -> Tenant:
+    header = request.headers.get("authorization")
+    if not header:
+        raise _unauthorized("missing Authorization header; send 'Authorization: Bearer <key>'")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise _unauthorized("Authorization must be 'Bearer <key>'")
+    tenant = session.scalar(
+        select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id).where(ApiKey.key_hash == hash_api_key(key.strip()))
+    )
+    if tenant is None:
+        raise _unauthorized("invalid API key")
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]

@@ -1,0 +1,193 @@
+"""The ``rlora`` command: serve, worker, tenant create, migrate, train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from pydantic import ValidationError
+
+from .settings import Settings, get_settings
+
+log = logging.getLogger("rlora")
+
+DEVICE_CLASSES = ("cpu", "gpu")
+WORKER_STOP_SECONDS = 10
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlora", description="R-LoRA fine-tuning service")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="the API and one worker (embedded default: no other services)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true", help="API only; workers run elsewhere (rlora worker)")
+
+    worker = commands.add_parser("worker", help="a Celery worker for the configured broker")
+    worker.add_argument("--queues", help="comma-separated device classes to take (cpu, gpu); default: this host's")
+
+    tenant = commands.add_parser("tenant", help="manage tenants")
+    tenant_commands = tenant.add_subparsers(dest="tenant_command", required=True)
+    create = tenant_commands.add_parser("create", help="a new tenant; prints its API key on the last line")
+    create.add_argument("name")
+
+    commands.add_parser("migrate", help="apply database migrations")
+
+    train = commands.add_parser("train", help="train locally without the service")
+    train.add_argument("config", help="YAML with the fields of POST /v1/jobs, local paths and output_dir")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "train":
+        from rlora.trainer import cli_train
+
+        sys.exit(cli_train(args.config))
+    try:
+        settings = get_settings()
+    except ValidationError as err:
+        print(f"error: invalid RLORA_* environment setting:\n{err}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return _serve(settings, args.host, args.port, with_worker=not args.no_worker)
+    if args.command == "worker":
+        return _worker(settings, args.queues)
+    if args.command == "migrate":
+        _migrate(settings)
+        print(f"database at head: {_display_url(settings.database)}")
+        return 0
+    return _create_tenant(settings, args.name)
+
+
+def _migrate(settings: Settings) -> None:
+    from .migrate import upgrade_database
+
+    settings.prepare_dirs()
+    upgrade_database(settings.database)
+
+
+def _display_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _create_tenant(settings: Settings, name: str) -> int:
+    from .auth import TenantExists, create_tenant
+    from .db import Database
+
+    if not name.strip() or len(name) > 200:
+        print("error: a tenant name has 1 to 200 characters", file=sys.stderr)
+        return 2
+    _migrate(settings)
+    db = Database(settings.database)
+    try:
+        with db.session() as session:
+            tenant, key = create_tenant(session, name)
+    except TenantExists as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    print(f"tenant {tenant.name} ({tenant.id}) created; its API key, shown only this once:")
+    print(key)
+    return 0
+
+
+def _worker(settings: Settings, queues: str | None) -> int:
+    classes = [q.strip() for q in (queues or settings.worker_queues or _host_device_class()).split(",") if q.strip()]
+    unknown = sorted(set(classes) - set(DEVICE_CLASSES))
+    if unknown or not classes:
+        print(f"error: queues must be among {', '.join(DEVICE_CLASSES)}, got {queues!r}", file=sys.stderr)
+        return 2
+    settings.prepare_dirs()
+    from worker.app import app
+
+    app.worker_main([
+        "worker",
+        # One job per process: the trainer itself uses every core (or the GPU).
+        "--pool=solo",
+        "--concurrency=1",
+        f"--queues={','.join(f'{settings.queue_prefix}.{c}' for c in classes)}",
+        f"--hostname=rlora-{os.getpid()}@%h",
+        "--loglevel=INFO",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ])
+    return 0
+
+
+def _host_device_class() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+class _WorkerProcess:
+    """The embedded worker of ``rlora serve``: a child process, restarted if it dies."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._supervise, name="rlora-worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _supervise(self) -> None:
+        # Takes every device class: with one worker, a GPU job on a CPU-only host should
+        # fail with a readable error rather than wait forever.
+        command = [sys.executable, "-m", "service.cli", "worker", "--queues", ",".join(DEVICE_CLASSES)]
+        while not self.stopping.is_set():
+            self.process = subprocess.Popen(command)
+            code = self.process.wait()
+            if not self.stopping.is_set():
+                log.error("embedded worker exited with %s; restarting", code)
+                self.stopping.wait(2)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        # Celery's warm shutdown would wait for the running job to finish; a cold one stops
+        # it now, and the job resumes from its checkpoint on the next start.
+        process.send_signal(signal.SIGQUIT)
+        try:
+            process.wait(WORKER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _serve(settings: Settings, host: str, port: int, *, with_worker: bool) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    _migrate(settings)
+    worker = _WorkerProcess() if with_worker else None
+    if worker is not None:
+        worker.start()
+    log.info("data under %s; create an API key with: rlora tenant create NAME", settings.home)
+    # uvicorn shuts down on SIGTERM, then raises the signal again; as an exception it lets
+    # the finally clause below stop the worker instead of leaving it orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn has shut down already
+    finally:
+        if worker is not None:
+            worker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
+
+from ..auth import TenantDep
+from ..deps import SessionDep, SettingsDep
+from ..errors import APIError, not_found
+from ..models import Adapter
+from ..paging import PageDep, page
+from ..schemas import AdapterOut, Deleted, Page
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+def get_adapter(session: Session, tenant_id: str, adapter_id: str) -> Adapter:
+    adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.id == adapter_id))
+    if adapter is None:
+        raise not_found("adapter", adapter_id)
+    return adapter
+
+
+@router.get("")
+def list_adapters(tenant: TenantDep, session: SessionDep, params: PageDep) -> Page[AdapterOut]:
+    rows, cursor = page(session, select(Adapter).where(Adapter.tenant_id == tenant.id), Adapter.id, params)
+    return Page(data=[AdapterOut.model_validate(row) for row in rows], next_cursor=cursor)
+
+
+@router.get("/{adapter_id}")
+def read_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep) -> AdapterOut:
+    return AdapterOut.model_validate(get_adapter(session, tenant.id, adapter_id))
+
+
+@router.get("/{adapter_id}/download", response_class=FileResponse)
+def download_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    """The adapter folder as a zip: ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    adapter = get_adapter(session, tenant.id, adapter_id)
+    folder = Path(adapter.path)
+    if not folder.is_dir():
+        raise APIError(410, "adapter_files_missing", f"the files of adapter {adapter_id} are no longer on disk")
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="adapter-", suffix=".zip", dir=settings.tmp_dir)
+    os.close(fd)
+    with zipfile.ZipFile(name, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, f"{adapter_id}/{path.relative_to(folder)}")
+    return FileResponse(
+        name, media_type="application/zip", filename=f"{adapter_id}.zip", background=BackgroundTask(os.unlink, name)
+    )
+
+
+@router.delete("/{adapter_id}")
+def delete_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep) -> Deleted:
+    adapter = get_adapter(session, tenant.id, adapter_id)
+    folder = adapter.path
+    session.delete(adapter)
+    session.commit()
+    shutil.rmtree(folder, ignore_errors=True)
+    return Deleted(id=adapter_id, object="adapter")

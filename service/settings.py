@@ -1,0 +1,93 @@
+"""The service's settings: one class, read from ``RLORA_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RLORA_", extra="ignore")
+
+    home: Path = Field(Path("~/.rlora"), description="data root: database, files, jobs, broker")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under home")
+    broker_url: str | None = Field(None, description="Celery broker; default an embedded one under home")
+    models_dir: Path | None = Field(None, description="folders of Hugging Face models, by name")
+
+    # Limits on what a tenant may send.
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_record_chars: int = Field(100_000, ge=1)
+    max_active_jobs_per_tenant: int = Field(100, ge=1, description="queued plus running jobs")
+    page_size_max: int = Field(100, ge=1)
+
+    # Job routing: queue names are "<queue_prefix>.<device class>".
+    queue_prefix: str = Field("rlora", pattern=r"^[A-Za-z0-9_.\-]+$")
+    auto_device_class: Literal["cpu", "gpu"] = Field("cpu", description="queue for device 'auto' jobs")
+    worker_queues: str | None = Field(None, description="comma-separated device classes a worker takes")
+
+    # Worker timing, in seconds.
+    progress_interval: float = Field(2.0, gt=0, description="least time between progress writes")
+    heartbeat_interval: float = Field(10.0, gt=0)
+    heartbeat_timeout: float = Field(120.0, gt=0, description="a running job silent this long is presumed lost")
+    requeue_after: float = Field(600.0, gt=0, description="a queued job not picked up is sent again")
+    reconcile_interval: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> "Settings":
+        if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
+            raise ValueError("heartbeat_timeout must exceed twice heartbeat_interval, or live jobs look lost")
+        return self
+
+    @field_validator("home", "models_dir")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'rlora.db'}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def files_dir(self) -> Path:
+        return self.home / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        # Uploads are staged here, on the same filesystem as files_dir, so the final
+        # rename into place is atomic.
+        return self.home / "tmp"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def cache_dir(self) -> Path:
+        # Where built-in models (tiny) are built; the same place `rlora train` uses.
+        return self.home / "models"
+
+    def queue_for(self, device: str) -> str:
+        device_class = {"cpu": "cpu", "cuda": "gpu"}.get(device, self.auto_device_class)
+        return f"{self.queue_prefix}.{device_class}"
+
+    def prepare_dirs(self) -> None:
+        for folder in (self.files_dir, self.jobs_dir, self.tmp_dir, self.cache_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The settings of this process, from the environment."""
+    return Settings()

@@ -1,0 +1,238 @@
+"""Running one job: claim it, call the trainer, record the outcome. Celery-free.
+
+The trainer knows nothing about the database; this module turns its callbacks into progress
+rows, events and heartbeats, and its should-stop check into a read of the cancel flag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from rlora.trainer import Progress, TrainingCancelled, train
+from rlora.training_config import MixtureEntry, TrainConfig
+from service import jobs_state
+from service.db import Database
+from service.jobs_state import Status
+from service.models import Adapter, File, Job, utcnow
+from service.settings import Settings
+from service.storage import blob_path
+
+log = logging.getLogger(__name__)
+
+ERROR_MESSAGE_CHARS = 4000
+STOP_CHECK_INTERVAL = 1.0  # seconds between reads of the cancel flag
+
+
+class JobInputError(ValueError):
+    """The job cannot run as submitted (one of its files is gone)."""
+
+
+def run_job(settings: Settings, db: Database, job_id: str, worker: str) -> Status | None:
+    """Claim and run ``job_id``; the status this worker left it in, or None if not claimed."""
+    with db.session() as session:
+        attempt = jobs_state.claim(session, job_id, worker)
+        if attempt is None:
+            log.info("job %s is not queued (already taken, cancelled or done); skipping", job_id)
+            return None
+        job = session.get(Job, job_id)
+    log.info("job %s: attempt %d on %s", job_id, attempt, worker)
+    return _Run(settings, db, job, attempt).execute()
+
+
+def _jsonable(value: Any) -> Any:
+    """Trainer values as plain JSON: tensor or numpy scalars unwrapped, NaN and infinities
+    (a diverged loss) as null, since PostgreSQL's json type refuses them."""
+    text = json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    return json.loads(text, parse_constant=lambda _constant: None)
+
+
+class _Run:
+    def __init__(self, settings: Settings, db: Database, job: Job, attempt: int):
+        self.settings = settings
+        self.db = db
+        self.job = job
+        self.attempt = attempt
+        self.output_dir = settings.jobs_dir / job.id
+        self.owned = True  # False once the job moved on without us (we were presumed lost)
+        self._last_progress = 0.0
+        self._last_stop_check = 0.0
+        self._stop = False
+        self._heartbeat_done = threading.Event()
+
+    # --- the run -------------------------------------------------------------------------
+
+    def execute(self) -> Status | None:
+        heartbeat = threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.job.id}", daemon=True)
+        heartbeat.start()
+        try:
+            config = self._train_config()
+            metrics = train(
+                config,
+                on_progress=self._on_progress,
+                on_event=self._on_event,
+                should_stop=self._should_stop,
+                models_dir=self.settings.models_dir,
+                cache_dir=self.settings.cache_dir,
+            )
+        except TrainingCancelled:
+            return self._finish(Status.CANCELLED) if self.owned else None
+        except (ValueError, LookupError) as err:
+            return self._finish(Status.FAILED, error=("invalid_input", str(err)))
+        except Exception as err:  # noqa: BLE001 - any training failure is the job's outcome
+            log.exception("job %s failed", self.job.id)
+            return self._finish(Status.FAILED, error=("training_error", f"{type(err).__name__}: {err}"))
+        finally:
+            self._heartbeat_done.set()
+            heartbeat.join()
+        return self._succeed(_jsonable(metrics))
+
+    def _train_config(self) -> TrainConfig:
+        job = self.job
+        with self.db.session() as session:
+            ids = {m["file_id"] for m in job.mixture} | {m["validation_file_id"] for m in job.mixture if m.get("validation_file_id")}
+            files = {f.id: f for f in session.scalars(select(File).where(File.tenant_id == job.tenant_id, File.id.in_(ids)))}
+
+        def path(file_id: str) -> str:
+            file = files.get(file_id)
+            if file is None or not blob_path(self.settings, file.sha256).is_file():
+                raise JobInputError(f"file {file_id} was deleted")
+            return str(blob_path(self.settings, file.sha256))
+
+        return TrainConfig(
+            base_model=job.base_model,
+            mixture=[
+                MixtureEntry(
+                    path=path(m["file_id"]),
+                    weight=m["weight"],
+                    task=m["task"],
+                    validation_path=path(m["validation_file_id"]) if m.get("validation_file_id") else None,
+                )
+                for m in job.mixture
+            ],
+            adapter=job.adapter,
+            training=job.training,
+            # Stable per job: a retry after a lost worker resumes from its checkpoints here.
+            output_dir=str(self.output_dir),
+        )
+
+    # --- trainer callbacks ---------------------------------------------------------------
+
+    def _on_progress(self, progress: Progress) -> None:
+        now = time.monotonic()
+        last = progress.total_steps is not None and progress.step >= progress.total_steps
+        if now - self._last_progress < self.settings.progress_interval and not last:
+            return
+        self._last_progress = now
+        values = {
+            name: _jsonable(getattr(progress, name))
+            for name in ("step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds")
+        }
+        with self.db.session() as session:
+            if self._update_owned(session, heartbeat_at=utcnow(), **values):
+                jobs_state.add_event(session, self.job, "progress", values)
+            session.commit()
+
+    def _on_event(self, kind: str, data: dict) -> None:
+        # Paths on the worker's disk are no business of the tenant's.
+        data = {key: value for key, value in data.items() if key != "path"}
+        with self.db.session() as session:
+            if self._update_owned(session, heartbeat_at=utcnow()):
+                jobs_state.add_event(session, self.job, kind, _jsonable(data))
+            session.commit()
+
+    def _should_stop(self) -> bool:
+        now = time.monotonic()
+        if self._stop or now - self._last_stop_check < STOP_CHECK_INTERVAL:
+            return self._stop
+        self._last_stop_check = now
+        with self.db.session() as session:
+            row = session.execute(select(Job.status, Job.attempt, Job.cancel_requested).where(Job.id == self.job.id)).one()
+        if row.status != Status.RUNNING or row.attempt != self.attempt:
+            self.owned = False
+        self._stop = row.cancel_requested or not self.owned
+        return self._stop
+
+    def _heartbeat(self) -> None:
+        # A thread, not the progress callback: loading a model or one long step must not
+        # look like a dead worker.
+        while not self._heartbeat_done.wait(self.settings.heartbeat_interval):
+            try:
+                with self.db.session() as session:
+                    owned = self._update_owned(session, heartbeat_at=utcnow())
+                    session.commit()
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the reconciler is lenient
+                log.exception("job %s: heartbeat failed", self.job.id)
+                continue
+            if not owned:
+                self.owned = False
+                self._stop = True
+                return
+
+    def _update_owned(self, session: Session, **values: Any) -> bool:
+        """Update the job only while this worker's attempt is the running one."""
+        result = session.execute(
+            update(Job)
+            .where(Job.id == self.job.id, Job.status == Status.RUNNING, Job.attempt == self.attempt)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1
+
+    # --- outcomes ------------------------------------------------------------------------
+
+    def _succeed(self, metrics: dict[str, Any]) -> Status | None:
+        adapter_dir = self.output_dir / "adapter"
+        config_file = adapter_dir / "adapter_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {"adapter": self.job.adapter}
+        with self.db.session() as session:
+            adapter = Adapter(
+                tenant_id=self.job.tenant_id,
+                job_id=self.job.id,
+                base_model=self.job.base_model,
+                config=config,
+                path=str(adapter_dir),
+                metrics=metrics,
+                head_similarity=metrics.get("head_similarity"),
+                routing=metrics.get("routing"),
+                eval=metrics.get("eval"),
+            )
+            session.add(adapter)
+            session.flush()
+            if not jobs_state.transition(session, self.job.id, Status.RUNNING, Status.SUCCEEDED, attempt=self.attempt, metrics=metrics):
+                session.rollback()
+                log.warning("job %s finished training but is no longer ours; result dropped", self.job.id)
+                return None
+            jobs_state.add_event(session, self.job, "finished", {"status": Status.SUCCEEDED, "adapter_id": adapter.id})
+            session.commit()
+        self._drop_checkpoints()
+        log.info("job %s succeeded: adapter %s", self.job.id, adapter.id)
+        return Status.SUCCEEDED
+
+    def _finish(self, status: Status, error: tuple[str, str] | None = None) -> Status | None:
+        values: dict[str, Any] = {}
+        if error is not None:
+            values = {"error_code": error[0], "error_message": error[1][:ERROR_MESSAGE_CHARS]}
+        with self.db.session() as session:
+            if not jobs_state.transition(session, self.job.id, Status.RUNNING, status, attempt=self.attempt, **values):
+                session.rollback()
+                return None
+            data: dict[str, Any] = {"status": status}
+            if error is not None:
+                data["error"] = {"code": values["error_code"], "message": values["error_message"]}
+            jobs_state.add_event(session, self.job, "finished", data)
+            session.commit()
+        self._drop_checkpoints()
+        log.info("job %s %s%s", self.job.id, status, f": {error[1]}" if error else "")
+        return status
+
+    def _drop_checkpoints(self) -> None:
+        # Checkpoints (optimizer state included) only serve a resume; an ended job has none.
+        shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
