@@ -49,7 +49,7 @@ class RLoRALinear(nn.Module):
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(lora_A.to(device))
         self.lora_B = nn.Parameter(lora_B.to(device))
-        self.router = nn.Parameter(torch.zeros(self.heads, d_in, device=device)) if config.has_router else None
+        self.router = nn.Parameter(_initial_router(config, d_in, generator).to(device)) if config.has_router else None
         if config.uses_random_init:
             self.register_buffer("lora_A0", lora_A.clone().to(device))
             self.register_buffer("lora_B0", lora_B.mean(dim=0).to(device))
@@ -118,6 +118,18 @@ class RLoRALinear(nn.Module):
             f"heads={self.heads}, rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout}, "
             f"multi_head_dropout={self.multi_head_dropout}, correction={self.has_correction}"
         )
+
+
+def _initial_router(config: AdapterConfig, d_in: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero when the heads start random: every head then weighs exactly 1/N at step 0, which
+    the frozen correction assumes. With zero heads the start is exact whatever the router, and
+    a zero router there would leave the heads' gradients identical forever (the same input, the
+    same 1/N weight), so it starts as HydraLoRA's reference does: Kaiming-uniform, like
+    ``nn.Linear``."""
+    router = torch.zeros(config.heads, d_in)
+    if not config.uses_random_init:
+        nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator)
+    return router
 
 
 def _initial_weights(config: AdapterConfig, d_in: int, d_out: int, generator: torch.Generator):

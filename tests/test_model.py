@@ -251,3 +251,20 @@ def test_config_defaults_follow_the_paper():
     assert AdapterConfig.from_dict(config.to_dict()) == config
     with pytest.raises(AdapterConfigError, match="unknown adapter setting"):
         AdapterConfig.from_dict({"ranks": 4})
+
+
+@pytest.mark.parametrize("variant", ["hydralora", "rlora-no-mi"])
+def test_zero_heads_break_symmetry_through_the_router(variant, tiny_model_path):
+    """Zero heads with a zero router would get identical gradients forever; the router starts
+    random (as HydraLoRA's reference) so that training separates them."""
+    model = rlora.attach(AutoModelForCausalLM.from_pretrained(tiny_model_path), AdapterConfig(**VARIANTS[variant], dropout=0.0))
+    layer = model.model.layers[0].mlp.up_proj
+    assert torch.count_nonzero(layer.router) == layer.router.numel()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(3):
+        model(token_batch(step), labels=token_batch(step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.allclose(layer.lora_B[0], layer.lora_B[1])
+    assert rlora.head_similarity(model)["mean"] < 0.999
