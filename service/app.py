@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,10 +10,12 @@ from fastapi import FastAPI
 
 from worker.celery_app import create_celery
 
+from .body_limit import BodyLimitMiddleware
 from .db import Database
 from .errors import install_error_handlers
+from .inference import close_engine
 from .migrate import upgrade_database
-from .routes import adapters, files, health, jobs, models
+from .routes import adapters, files, generate, health, jobs, models
 from .settings import Settings, get_settings
 
 
@@ -24,6 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.prepare_dirs()
         upgrade_database(settings.database)
         yield
+        await asyncio.to_thread(close_engine, app)  # the inference engine, if a request made one
         app.state.db.dispose()
 
     app = FastAPI(title="rlora", summary="Multi-tenant R-LoRA fine-tuning", version="0.1.0", lifespan=lifespan)
@@ -31,6 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = Database(settings.database)
     app.state.celery = create_celery(settings)
     install_error_handlers(app)
-    for module in (health, files, jobs, adapters, models):
+    # File uploads stream under their own limit (max_upload_bytes); every other body, this one.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_json_bytes, exempt=[("POST", "/v1/files")])
+    for module in (health, files, jobs, adapters, models, generate):
         app.include_router(module.router)
     return app

@@ -71,7 +71,8 @@ def pydantic_details(errors: list[dict[str, Any]], prefix: tuple[Any, ...] = ())
     return details
 
 
-def _body(code: str, message: str, field: str | None = None, details: list[dict[str, Any]] | None = None) -> dict:
+def error_body(code: str, message: str, field: str | None = None, details: list[dict[str, Any]] | None = None) -> dict:
+    """The one error shape, as a JSON-ready dict."""
     error: dict[str, Any] = {"code": code, "message": message}
     if field:
         error["field"] = field
@@ -96,25 +97,25 @@ _STATUS_CODES = {
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(_body(exc.code, exc.message, exc.field, exc.details), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(error_body(exc.code, exc.message, exc.field, exc.details), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         details = pydantic_details(list(exc.errors()))
         if not details:
-            return JSONResponse(_body("invalid_request", "invalid request"), status_code=422)
+            return JSONResponse(error_body("invalid_request", "invalid request"), status_code=422)
         first = details[0]
         field = first.get("field")
         message = f"{field}: {first['message']}" if field else first["message"]
-        return JSONResponse(_body("invalid_request", message, field, details), status_code=422)
+        return JSONResponse(error_body("invalid_request", message, field, details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
-        return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug or an outage, never the client's input: log it whole, answer in the same shape.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(_body("internal_error", "internal server error"), status_code=500)
+        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)

@@ -20,6 +20,7 @@ class Settings(BaseSettings):
 
     # Limits on what a tenant may send.
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_json_bytes: int = Field(1024 * 1024, ge=1, description="any request body but a file upload (413 above)")
     max_record_chars: int = Field(100_000, ge=1)
     max_active_jobs_per_tenant: int = Field(100, ge=1, description="queued plus running jobs")
     page_size_max: int = Field(100, ge=1)
@@ -35,6 +36,15 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(120.0, gt=0, description="a running job silent this long is presumed lost")
     requeue_after: float = Field(600.0, gt=0, description="a queued job not picked up is sent again")
     reconcile_interval: float = Field(30.0, gt=0)
+
+    # Inference (/generate): one engine per API process, base models loaded on first use.
+    default_base_model: str = Field("tiny", description="the base model of requests that name no adapter")
+    inference_device: str | None = Field(None, description="e.g. cpu, cuda, cuda:1; default cuda when available")
+    adapter_cache_bytes: int = Field(1 << 30, ge=1, description="adapters kept loaded (LRU), in bytes")
+    max_input_tokens: int | None = Field(None, ge=1, description="default: the model's context length - 1")
+    max_total_tokens: int | None = Field(None, ge=2, description="prompt + new tokens; default: the model's context length")
+    max_new_tokens: int = Field(2048, ge=1, description="the most a request may ask for")
+    max_batch_size: int = Field(64, ge=1, description="requests decoded together per base model")
 
     @model_validator(mode="after")
     def _heartbeat_fits(self) -> "Settings":

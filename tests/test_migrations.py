@@ -45,3 +45,37 @@ def test_rlora_migrate_command(tmp_path):
             assert "jobs" in inspect(connection).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_a_non_editable_install_ships_and_applies_the_migrations(tmp_path):
+    """Built from a copy of the sources (no build/ left in the checkout), installed flat."""
+    import shutil
+    import sys
+
+    source, target = tmp_path / "src", tmp_path / "site"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("rlora", "service", "worker", "migrations"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    shipped = {p.relative_to(target).as_posix() for p in (target / "migrations").rglob("*") if "__pycache__" not in p.parts}
+    assert {"migrations/env.py", "migrations/script.py.mako", "migrations/versions/0001_initial_schema.py"} <= shipped
+
+    # The installed copy, not the checkout, applies the schema (cwd away from the repository).
+    url = f"sqlite:///{tmp_path / 'installed.db'}"
+    code = "import service.migrate as m; print(m.MIGRATIONS_DIR); m.upgrade_database(__import__('sys').argv[1])"
+    env = {**service_env(home=tmp_path / "home"), "PYTHONPATH": str(target)}
+    result = subprocess.run([sys.executable, "-c", code, url], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(target / "migrations")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            assert "jobs" in inspect(connection).get_table_names()
+    finally:
+        engine.dispose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest_service import app, backend, client, dataset, job_body, new_tenant, service_settings, upload  # noqa: F401
+from conftest_service import app, backend, client, dataset, job_body, make_settings, new_tenant, service_settings, upload  # noqa: F401
 
 from service import jobs_state
 from service.jobs_state import InvalidTransition, Status
@@ -142,6 +142,42 @@ def test_bad_upload_requests_are_422(client, new_tenant, kwargs):
     headers = {**new_tenant(), **kwargs.pop("headers", {})}
     error = error_of(client.post("/v1/files", headers=headers, **kwargs), 422)
     assert error["field"] == "file"
+
+
+def test_oversize_json_body_is_413_but_uploads_keep_their_own_limit(tmp_path):
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.auth import create_tenant
+
+    # A JSON limit far below the upload limit: uploads between the two must still pass.
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'rlora.db'}", max_json_bytes=2048, max_upload_bytes=64 * 1024)
+    limited = create_app(settings)
+    with TestClient(limited) as client:
+        with limited.state.db.session() as session:
+            headers = {"Authorization": f"Bearer {create_tenant(session, 'limits')[1]}"}
+        content = dataset(400)
+        assert 2048 < len(content) < 64 * 1024
+        file_id = upload(client, headers, content).json()["id"]
+
+        body = job_body(file_id)
+        assert client.post("/v1/jobs", headers=headers, json=body).status_code == 201, "under the limit"
+        big = {**body, "base_model": "x" * 4096}
+        error = error_of(client.post("/v1/jobs", headers=headers, json=big), 413)
+        assert error["code"] == "payload_too_large" and "2048" in error["message"]
+        # Without a Content-Length (chunked), the body is cut off at the limit too...
+        raw = json.dumps(big).encode()
+        chunks = iter([raw[i : i + 512] for i in range(0, len(raw), 512)])
+        response = client.post("/v1/jobs", headers={**headers, "Content-Type": "application/json"}, content=chunks)
+        assert error_of(response, 413)["code"] == "payload_too_large"
+        # ...and a small chunked body still reaches the route.
+        response = client.post("/v1/jobs", headers={**headers, "Content-Type": "application/json"}, content=iter([json.dumps(body).encode()]))
+        assert response.status_code == 201, response.text
+        # Before authentication: a stranger's oversize body is refused unread.
+        assert error_of(client.post("/v1/jobs", json=big), 413)["code"] == "payload_too_large"
+        assert len(client.get("/v1/jobs", headers=headers).json()["data"]) == 2
 
 
 # --- jobs ---------------------------------------------------------------------------------

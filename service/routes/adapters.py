@@ -4,7 +4,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -13,6 +13,7 @@ from starlette.background import BackgroundTask
 from ..auth import TenantDep
 from ..deps import SessionDep, SettingsDep
 from ..errors import APIError, not_found
+from ..inference import evict_adapter
 from ..models import Adapter
 from ..paging import PageDep, page
 from ..schemas import AdapterOut, Deleted, Page
@@ -58,10 +59,13 @@ def download_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, se
 
 
 @router.delete("/{adapter_id}")
-def delete_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep) -> Deleted:
+def delete_adapter(adapter_id: str, request: Request, tenant: TenantDep, session: SessionDep) -> Deleted:
     adapter = get_adapter(session, tenant.id, adapter_id)
     folder = adapter.path
     session.delete(adapter)
     session.commit()
+    # Out of the inference cache too (requests already running finish with it); /generate looks
+    # the id up in the database first, so from now on it is a 404 there.
+    evict_adapter(request.app, adapter_id)
     shutil.rmtree(folder, ignore_errors=True)
     return Deleted(id=adapter_id, object="adapter")
