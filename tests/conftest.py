@@ -22,6 +22,17 @@ def tiny_model(tiny_model_path):
     return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that run the tiny model token by token: its matmuls are too small for two
+    threads to help, and on a shared 2-core machine spinning OpenMP threads make every step
+    many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -35,14 +35,7 @@ ADAPTERS = {
 GREEDY = {"max_new_tokens": 12, "ignore_eos_token": True}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's matmuls are too small for two threads to help; on a shared 2-core machine
-    # OpenMP threads spinning against other processes make every step many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
