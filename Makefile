@@ -9,7 +9,7 @@ install:
 	$(PYTHON) -m pip install -q -e '.[dev]'
 
 run: install
-	rlora serve
+	$(PYTHON) -m service.cli serve  # the `rlora serve` command, whatever PATH says
 
 services:
 	./scripts/start-services
