@@ -223,7 +223,7 @@ def base_accuracy(base_path: Path, mixture: list[dict], args) -> dict[str, float
     sources = [MixtureSource(examples=[], weight=1.0, task=m["task"], validation=load_dataset(m["validation_path"]))
                for m in mixture]
     settings = TrainingSettings(batch_size=64, max_seq_len=48, eval_max_examples=args.eval_size, eval_max_new_tokens=10)
-    return {task: result["accuracy"] for task, result in evaluate(model, tokenizer, sources, settings, torch.device("cpu"), False).items()}
+    return {task: result["accuracy"] for task, result in evaluate(model, tokenizer, sources, settings, torch.device("cpu")).items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,7 +55,9 @@ class RoutingRecorder:
 
     def __call__(self, layer: RLoRALinear, weights: torch.Tensor) -> None:
         flat = weights.reshape(-1, weights.shape[-1]).float()
-        if self.token_mask is not None and self.token_mask.numel() == flat.shape[0]:
+        if self.token_mask is not None:
+            if self.token_mask.numel() != flat.shape[0]:
+                raise ValueError(f"token_mask has {self.token_mask.numel()} entries for {flat.shape[0]} routed tokens")
             flat = flat[self.token_mask.reshape(-1).to(flat.device)]
         entropy = -(flat * flat.clamp_min(1e-12).log()).sum(-1)
         self._weight_sums[layer] = self._weight_sums.get(layer, 0) + flat.sum(0)

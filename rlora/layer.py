@@ -59,6 +59,14 @@ class RLoRALinear(nn.Module):
         self.train(base_layer.training)  # join the model in its current mode
 
     @property
+    def weight(self) -> torch.Tensor:  # model code that reads a projection's weight (dtype, device)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
     def has_correction(self) -> bool:
         return self.lora_A0 is not None
 
@@ -98,7 +106,7 @@ class RLoRALinear(nn.Module):
         # 3. Everything that writes the output, in one matmul: s * [B_1 .. B_N | -B0] [H; h0].
         writes = self.lora_B.permute(1, 0, 2).reshape(self.out_features, n * r)
         if self.has_correction:
-            stacked = torch.cat([stacked, z[..., -r:]], dim=-1)
+            stacked = torch.cat([stacked, z[..., -r:].to(stacked.dtype)], dim=-1)
             writes = torch.cat([writes, -self.lora_B0], dim=1)
         # addmm adds into the base output in the same BLAS call: no full-width temporary.
         flat = result.reshape(-1, self.out_features)
@@ -107,9 +115,13 @@ class RLoRALinear(nn.Module):
         return out.view(result.shape)
 
     def head_dropout_mask(self, h: torch.Tensor) -> torch.Tensor:
-        """Independent inverted-dropout masks for every head and token, in one draw: (..., N, r)."""
+        """Independent inverted-dropout masks for every head and token, in one draw: (..., N, r).
+
+        Float32 whatever ``h`` is: 1/(1-p) is rarely a bfloat16 number (1/0.9 would become
+        1.109), and a mask that is systematically low would shrink the adapter in training
+        against eval."""
         keep = 1.0 - self.dropout
-        mask = torch.empty(*h.shape[:-1], self.heads, self.rank, dtype=h.dtype, device=h.device)
+        mask = torch.empty(*h.shape[:-1], self.heads, self.rank, dtype=torch.float32, device=h.device)
         return mask.bernoulli_(keep).div_(keep)
 
     def extra_repr(self) -> str:

@@ -28,8 +28,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 ADAPTER_TENSORS = ("lora_A", "lora_B", "router", "lora_A0", "lora_B0")
-# Config keys that say where or how a model was loaded, not what it is.
-_VOLATILE_CONFIG_KEYS = {"name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
 
 
 class AdapterMismatchError(ValueError):
@@ -144,20 +142,33 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) 
 
 
 def base_model_fingerprint(model: nn.Module) -> str:
-    """sha256 of what defines the base architecture: its HF config, else its parameter shapes."""
+    """sha256 of what makes a base model this one: its architecture and a sample of its weights.
+
+    The architecture is ``model_type`` and the shape of every base parameter, not the whole HF
+    config, whose runtime flags and key names vary with settings and library versions. The
+    weight sample (the first values of the input embeddings and of the first and last linear
+    layers, rounded to bfloat16 so a float32 and a bfloat16 load agree) tells apart two
+    checkpoints of one architecture, such as a base model and its chat fine-tune.
+    """
+    shapes = {
+        name: list(p.shape) for name, p in model.named_parameters()
+        if not any(name.endswith(f".{t}") for t in ADAPTER_TENSORS)
+    }
+    # Wrapped layers hold their base weights one level down; the fingerprint is of the base.
+    shapes = {name.replace(".base_layer.", "."): shape for name, shape in shapes.items()}
     hf_config = getattr(model, "config", None)
-    if hf_config is not None and hasattr(hf_config, "to_dict"):
-        described = {
-            k: v for k, v in hf_config.to_dict().items()
-            if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")
-        }
-    else:
-        described = {
-            name: list(p.shape) for name, p in model.named_parameters()
-            if not any(name.endswith(f".{t}") for t in ADAPTER_TENSORS)
-        }
-    canonical = json.dumps(described, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    described = {"model_type": getattr(hf_config, "model_type", type(model).__name__), "shapes": shapes}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    for weight in _sampled_weights(model):
+        digest.update(weight.detach().flatten()[:256].to("cpu", torch.bfloat16).float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _sampled_weights(model: nn.Module) -> list[torch.Tensor]:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    sampled = [embeddings.weight] if isinstance(embeddings, nn.Embedding) else []
+    return sampled + ([linears[0].weight, linears[-1].weight] if linears else [])
 
 
 def base_model_name_of(model: nn.Module) -> str:
@@ -201,7 +212,9 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _replace_dir(staging: Path, path: Path) -> None:
-    """Move ``staging`` to ``path``, replacing an existing folder with two renames."""
+    """Move ``staging`` to ``path``, replacing an existing folder with two renames. A reader
+    never sees a half-written folder; a crash between the renames leaves the previous adapter
+    as ``.NAME.old-PID`` beside the missing ``path``, to be restored by hand."""
     if path.exists():
         retired = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.rename(path, retired)

@@ -49,6 +49,9 @@ from .models import load_base_model, resolve_base_model
 from .training_config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
+_DIFFERENT_RUN = (
+    "{output_dir} holds {what} of a different run (another config); use a new output_dir or remove the old one"
+)
 KEEP_CHECKPOINTS = 2
 ProgressCallback = Callable[["Progress"], None]
 EventCallback = Callable[[str, dict], None]
@@ -94,12 +97,18 @@ def train(
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda kind, data: None)
+    run_id = _run_fingerprint(config)
     if (output_dir / "metrics.json").exists() and (output_dir / "adapter").exists():
-        return json.loads((output_dir / "metrics.json").read_text())  # finished before
+        finished = json.loads((output_dir / "metrics.json").read_text())
+        if finished.get("run") != run_id:
+            raise ValueError(_DIFFERENT_RUN.format(output_dir=output_dir, what="a finished run"))
+        return finished
 
     # 1. Model, tokenizer and adapter.
     device = _device(settings.device)
-    bf16 = settings.precision == "bfloat16" or (settings.precision == "auto" and device.type == "cuda")
+    bf16 = settings.precision == "bfloat16" or (
+        settings.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
     base_path = resolve_base_model(
         config.base_model,
         models_dir if models_dir is not None else os.environ.get("RLORA_MODELS_DIR"),
@@ -131,7 +140,6 @@ def train(
 
     # 4. Resume from the last checkpoint, or start from the seed.
     state = TrainState()
-    run_id = _run_fingerprint(config)
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is not None:
         state = _restore(checkpoint, run_id, model, optimizer, scheduler, sampler)
@@ -192,11 +200,12 @@ def train(
 
     # 6. Evaluate every task, describe the heads, write the adapter and the metrics.
     model.eval()
-    evaluation = evaluate(model, tokenizer, sources, settings, device, bf16)
+    evaluation = evaluate(model, tokenizer, sources, settings, device)
     emit("eval", {"step": state.step, "tasks": evaluation})
-    eval_batches = [collate([encode_example(tokenizer, e, settings.max_seq_len) for e in chunk])
-                    for chunk in _chunks(_eval_examples(sources, settings), settings.batch_size)]
+    _, eval_features, _ = _encodable(tokenizer, _eval_examples(sources, settings), settings)
+    eval_batches = [collate(chunk) for chunk in _chunks(eval_features, settings.batch_size)]
     metrics = {
+        "run": run_id,
         "base_model": config.base_model,
         "steps": state.step,
         "train_loss": state.train_loss,
@@ -253,10 +262,13 @@ def _next_batch(sampler, tokenizer, batch_size, max_seq_len, state, collate) -> 
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labelled (answer) positions, in float32."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    """Summed next-token cross-entropy over the labelled (answer) positions, in float32.
+
+    Only the answer positions are upcast: with a large vocabulary a float32 copy of every
+    position's logits would cost more memory than the model's activations."""
+    targets = labels[:, 1:].flatten()
+    answer = targets != IGNORE_INDEX
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1)[answer].float(), targets[answer], reduction="sum")
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,34 +277,55 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, sources: list[MixtureSource], settings, device, bf16: bool) -> dict[str, dict]:
-    """Per task: mean answer-token loss, and exact-match accuracy of greedy generation."""
+def evaluate(model, tokenizer, sources: list[MixtureSource], settings, device) -> dict[str, dict]:
+    """Per task: mean answer-token loss, and exact-match accuracy of greedy generation.
+
+    Runs without autocast, as the inference engine serves the adapter, so that the accuracy
+    reported is the one users get. Examples with no answer token within ``max_seq_len`` are
+    skipped (``skipped``); ``answers_over_limit`` counts reference answers longer than
+    ``eval_max_new_tokens``, which greedy generation cannot match exactly.
+    """
     collate = Collator(tokenizer.pad_token_id)
     results = {}
     for source in sources:
-        examples = (source.validation or [])[: settings.eval_max_examples]
+        examples, features, skipped = _encodable(tokenizer, (source.validation or [])[: settings.eval_max_examples], settings)
         if not examples:
-            results[source.task] = {"examples": 0, "loss": None, "accuracy": None}
+            results[source.task] = {"examples": 0, "skipped": skipped, "loss": None, "accuracy": None}
             continue
         loss_sum, tokens, correct = 0.0, 0, 0
-        for chunk in _chunks(examples, settings.batch_size):
-            features = [encode_example(tokenizer, e, settings.max_seq_len) for e in chunk]
-            batch = {k: v.to(device) for k, v in collate(features).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for chunk, chunk_features in zip(_chunks(examples, settings.batch_size), _chunks(features, settings.batch_size)):
+            batch = {k: v.to(device) for k, v in collate(chunk_features).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum += float(token_loss_sum(logits, batch["labels"]))
             tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            answers = generate_greedy(model, tokenizer, chunk, settings, device, bf16)
+            answers = generate_greedy(model, tokenizer, chunk, settings, device)
             correct += sum(answer.strip() == example.answer.strip() for answer, example in zip(answers, chunk))
         results[source.task] = {
             "examples": len(examples),
+            "skipped": skipped,
             "loss": loss_sum / max(tokens, 1),
             "accuracy": correct / len(examples),
+            "answers_over_limit": sum(
+                sum(label != IGNORE_INDEX for label in f["labels"]) > settings.eval_max_new_tokens for f in features
+            ),
         }
     return results
 
 
-def generate_greedy(model, tokenizer, examples: list[Example], settings, device, bf16: bool) -> list[str]:
+def _encodable(tokenizer, examples: list[Example], settings) -> tuple[list[Example], list[dict], int]:
+    """The examples that keep an answer token within ``max_seq_len``, their encodings, and how
+    many were left out."""
+    kept, features = [], []
+    for example in examples:
+        try:
+            features.append(encode_example(tokenizer, example, settings.max_seq_len))
+        except ValueError:
+            continue
+        kept.append(example)
+    return kept, features, len(examples) - len(kept)
+
+
+def generate_greedy(model, tokenizer, examples: list[Example], settings, device) -> list[str]:
     """Greedy answers for a batch of prompts (left-padded, as decoder-only generation needs)."""
     room = max(settings.max_seq_len - settings.eval_max_new_tokens, 1)
     prompts = [prompt_ids(tokenizer, e, max_len=room) for e in examples]
@@ -302,15 +335,14 @@ def generate_greedy(model, tokenizer, examples: list[Example], settings, device,
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         attention_mask[row, width - len(ids):] = 1
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=settings.eval_max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=_stop_ids(model, tokenizer),
-        )
+    generated = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=settings.eval_max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=_stop_ids(model, tokenizer),
+    )
     return tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
 
 
@@ -365,10 +397,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def _restore(path: Path, run_id: str, model, optimizer, scheduler, sampler) -> TrainState:
     saved = json.loads((path / "state.json").read_text())
     if saved.pop("run") != run_id:
-        raise ValueError(
-            f"{path.parent.parent} holds checkpoints of a different run (another config); "
-            "use a new output_dir or remove the old one"
-        )
+        raise ValueError(_DIFFERENT_RUN.format(output_dir=path.parent.parent, what="checkpoints"))
     state = TrainState(**saved)
     load_adapter_state_dict(model, load_file(path / "adapter.safetensors", device=str(next(model.parameters()).device)))
     rest = torch.load(path / "optimizer.pt", weights_only=False)

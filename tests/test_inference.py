@@ -113,6 +113,23 @@ def test_mixed_adapter_batch_logits_equal_each_adapter_alone(engine, model_dir, 
         torch.testing.assert_close(logits, expected, rtol=0, atol=2e-5)
 
 
+def test_bfloat16_engine_reproduces_training_time_eval(workdir, model_dir, adapter_paths):
+    """A bfloat16 base with float32 adapters, as training on CUDA saves and serving loads them:
+    the engine rounds as RLoRALinear does, so the logits agree to bfloat16 accuracy."""
+    seqs = [prompt("bfloat16 serving"), prompt("a second, longer row of the batch")]
+    ids = ["rl", "hy"]
+    with InferenceEngine(cache_dir=workdir / "cache", models_dir=workdir / "models", device="cpu", dtype=torch.bfloat16) as bf16:
+        for adapter_id in ids:
+            bf16.adapter(adapter_id, adapter_paths[adapter_id])
+        got = bf16.logits(seqs, ids, base_model="tiny")
+    for seq, adapter_id, logits in zip(seqs, ids, got):
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        model = rlora.load(base, adapter_paths[adapter_id]).eval()
+        with torch.no_grad():
+            expected = model(torch.tensor([seq])).logits[0]
+        torch.testing.assert_close(logits.float(), expected.float(), rtol=0, atol=4e-3)
+
+
 def test_fingerprint_checked(engine, workdir, adapter_paths):
     import shutil
 

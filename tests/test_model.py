@@ -268,3 +268,22 @@ def test_zero_heads_break_symmetry_through_the_router(variant, tiny_model_path):
         optimizer.zero_grad()
     assert not torch.allclose(layer.lora_B[0], layer.lora_B[1])
     assert rlora.head_similarity(model)["mean"] < 0.999
+
+
+def test_fingerprint_tells_checkpoints_apart_but_not_runtime_flags(tiny_model_path, tmp_path):
+    from rlora.model import base_model_fingerprint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    fingerprint = base_model_fingerprint(model)
+    model.config.output_hidden_states = True
+    model.config.name_or_path = "elsewhere"
+    assert base_model_fingerprint(model) == fingerprint
+    # A bfloat16 load of the same checkpoint is the same base model.
+    assert base_model_fingerprint(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.bfloat16)) == fingerprint
+
+    rlora.save(rlora.attach(model, AdapterConfig()), tmp_path / "adapter")
+    fine_tuned = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        fine_tuned.model.embed_tokens.weight.add_(0.1)  # same architecture, other weights
+    with pytest.raises(AdapterMismatchError, match="made for base model"):
+        rlora.load(fine_tuned, tmp_path / "adapter")

@@ -83,9 +83,12 @@ def test_outputs_metrics_and_adapter_folder(datasets, tmp_path, tiny_model_path)
     # Checkpoints are complete folders, the oldest pruned, nothing half-written left.
     names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     assert names == ["step-00000008", "step-00000012"]
-    # Running a finished config again returns its metrics without training.
+    # Running a finished config again returns its metrics without training; another config
+    # in the same output_dir is refused rather than answered with the old run's results.
     assert run(make_config(datasets, tmp_path / "out"), tiny_model_path, on_progress=progress.append) == written
     assert len(progress) == 12
+    with pytest.raises(ValueError, match="finished run of a different run"):
+        run(make_config(datasets, tmp_path / "out", max_steps=20), tiny_model_path)
 
 
 class Crash(Exception):
@@ -216,3 +219,16 @@ def test_rlora_train_command_end_to_end_resumes_after_a_kill(datasets, tmp_path,
     assert "resuming from the checkpoint at step" in finished.stderr
     summary = json.loads(finished.stdout)
     assert summary["steps"] == 150 and set(summary["eval"]) == {"reverse", "answer"}
+
+
+def test_eval_keeps_truncated_prompts_and_counts_answers_over_the_limit(datasets, tmp_path, tiny_model_path):
+    long_prompt = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 200, "completion": "ok"}] * 5 + [{"prompt": "y", "completion": "ok"}] * 40)
+    config = make_config(datasets, tmp_path / "out", max_steps=2, max_seq_len=24, validation_share=0.5, eval_max_examples=30,
+                         eval_max_new_tokens=1)
+    config.mixture[0].path = long_prompt
+    metrics = run(config, tiny_model_path)
+    reverse = metrics["eval"]["reverse"]
+    # Long prompts are truncated from the left, so every example keeps its answer here...
+    assert reverse["skipped"] == 0 and reverse["examples"] == 22
+    # ...and answers longer than eval_max_new_tokens are counted, as exact match cannot hold.
+    assert reverse["answers_over_limit"] == 22

@@ -96,9 +96,14 @@ class MultiAdapterLinear(nn.Module):
             rest = z[..., r:]
         if r0:
             stacked = torch.cat([stacked, rest], dim=-1)
+        # Added inside the matmul (addmm / baddbmm), as RLoRALinear does: one rounding of the
+        # sum in bfloat16, so serving reproduces training-time eval.
         stacked = stacked.to(out.dtype)
-        delta = torch.nn.functional.linear(stacked, plan.writes) if shared else torch.bmm(stacked, plan.writes)
-        return out.add_(delta.view(shape)) if not out.requires_grad else out + delta.view(shape)
+        writes = plan.writes.to(out.dtype)
+        if shared:
+            flat = out.reshape(-1, shape[-1])
+            return torch.addmm(flat, stacked.reshape(-1, stacked.shape[-1]), writes.T).view(shape)
+        return torch.baddbmm(out.reshape(batch, -1, shape[-1]), stacked, writes).view(shape)
 
     def _record(self, plan: LayerPlan, weights: torch.Tensor) -> None:
         mask = self.context.token_mask
