@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,9 @@ class AdapterConfig:
     seed: int = 0
     rank_stabilized: bool = False
     gamma: float = 64.0
-    # "paper": d_out^(1/4) / sqrt(gamma); "reference": r^(1/4) / sqrt(gamma), as the public
-    # reference code computes it; a number: that factor itself.
+    # "paper": d_out^(1/4) / sqrt(gamma); "reference": r^(1/4) / sqrt(gamma), the factor the
+    # public reference code uses (not its per-head compounding of that factor, a bug that
+    # scales head j of N by c^(N-j)); a number: that factor itself.
     init_scale: str | float = "paper"
     multi_head_dropout: bool | None = None
     random_init: bool | None = None
@@ -85,7 +87,7 @@ class AdapterConfig:
         if isinstance(targets, str):
             if targets != ALL_LINEAR:
                 raise AdapterConfigError("target_modules", f"must be a list of module names or {ALL_LINEAR!r}, got {targets!r}")
-        elif not targets or not all(isinstance(t, str) and t for t in targets):
+        elif not isinstance(targets, tuple) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise AdapterConfigError("target_modules", "must be a non-empty list of module names")
         for switch in ("multi_head_dropout", "random_init"):
             value = getattr(self, switch)
@@ -135,7 +137,13 @@ class AdapterConfig:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool): NaN and infinities are no setting."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

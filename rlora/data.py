@@ -228,6 +228,9 @@ def _read_lines(
         except json.JSONDecodeError as err:
             errors.add(number, None, None, f"invalid JSON: {err.msg} (column {err.colno})")
             continue
+        except (RecursionError, ValueError) as err:
+            errors.add(number, None, None, _json_error(err))
+            continue
         _accept(value, number, None, errors, records)
 
 
@@ -259,6 +262,9 @@ def _read_array(
                 value, end = decoder.raw_decode(text, position)
             except json.JSONDecodeError as err:
                 errors.add(err.lineno, element, None, f"invalid JSON: {err.msg} (column {err.colno})")
+                return
+            except (RecursionError, ValueError) as err:
+                errors.add(line, element, None, _json_error(err))
                 return
             if end - position > max_chars:
                 errors.add(line, element, None, _too_long(end - position, max_chars))
@@ -395,7 +401,29 @@ def _string(
     if non_empty and not value.strip():
         problems.append((prefix + name, "must be a non-empty string"))
         return None
+    surrogate = _lone_surrogate(value)
+    if surrogate is not None:
+        problems.append((prefix + name, f"contains an unpaired surrogate \\u{ord(value[surrogate]):04x} (character {surrogate + 1}): not valid Unicode text"))
+        return None
     return value
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Where ``text`` has a lone UTF-16 surrogate (JSON's ``"\\ud800"`` parses to one), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def _json_error(err: Exception) -> str:
+    """What a JSON parser's non-syntax failure means for the record."""
+    if isinstance(err, RecursionError):
+        return "invalid JSON: nested too deeply"
+    if "digits" in str(err):
+        return "invalid JSON: a number has too many digits"
+    return f"invalid JSON: {err}"
 
 
 def _json_type(value: Any) -> str:

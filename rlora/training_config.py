@@ -18,7 +18,7 @@ from .config import AdapterConfig, AdapterConfigError
 class TrainingSettings(BaseModel):
     """Optimisation settings. Defaults follow the paper's Appendix C where it gives them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps; wins over epochs")
     epochs: float | None = Field(None, gt=0, le=1000, description="passes over the mixture's training examples")
@@ -48,7 +48,7 @@ class TrainingSettings(BaseModel):
 class MixtureEntry(BaseModel):
     """One dataset of a mixture, read from a local file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str = Field(min_length=1)
     weight: float = Field(1.0, gt=0, description="relative sampling weight")
@@ -59,7 +59,7 @@ class MixtureEntry(BaseModel):
 class TrainConfig(BaseModel):
     """A whole run: what ``rlora train`` reads and what the worker hands to the trainer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base_model: str = Field(min_length=1, description="'tiny', a folder under RLORA_MODELS_DIR, or a path")
     mixture: list[MixtureEntry] = Field(min_length=1, max_length=64)

@@ -16,6 +16,7 @@ from .errors import install_error_handlers
 from .inference import close_engine
 from .migrate import upgrade_database
 from .routes import adapters, files, generate, health, jobs, models
+from .schemas import error_responses
 from .settings import Settings, get_settings
 
 
@@ -37,6 +38,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # File uploads stream under their own limit (max_upload_bytes); every other body, this one.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_json_bytes, exempt=[("POST", "/v1/files")])
-    for module in (health, files, jobs, adapters, models, generate):
-        app.include_router(module.router)
+    for module, statuses in (
+        (health, (503,)),
+        (files, (401, 404, 409, 413, 422, 503)),
+        (jobs, (401, 404, 409, 413, 415, 422, 429, 503)),
+        (adapters, (401, 404, 410, 422, 503)),
+        (models, (401, 503)),
+        (generate, (401, 404, 410, 413, 415, 422, 429, 503)),
+    ):
+        # The error statuses each route may answer with, in the one shape (not FastAPI's).
+        app.include_router(module.router, responses=error_responses(*statuses))
     return app

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,39 @@ def invalid_fields(details: list[dict[str, Any]]) -> APIError:
     field = first.get("field")
     message = f"{field}: {first['message']}" if field else first["message"]
     return APIError(422, "invalid_request", message, field=field, details=details)
+
+
+def _lone_surrogate(value: Any, path: str) -> tuple[str, str] | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return path, value[err.start]
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def reject_lone_surrogates(value: Any, field: str = "") -> None:
+    """A 422 naming the field when a string in ``value`` holds a lone UTF-16 surrogate.
+
+    JSON may spell one (``"\\ud800"``) and Python parses it, but it is no Unicode text: it
+    cannot be encoded, tokenized, stored or sent back, so it is refused up front.
+    """
+    found = _lone_surrogate(value, field)
+    if found:
+        path, char = found
+        message = f"contains an unpaired surrogate \\u{ord(char):04x}, which is not valid Unicode; send valid UTF-8 text"
+        raise invalid(path or "body", f"{path}: {message}" if path else message)
 
 
 def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -94,13 +128,67 @@ _STATUS_CODES = {
 }
 
 
+def _json_position(doc: Any, pos: Any) -> str:
+    if not isinstance(doc, str) or not isinstance(pos, int):
+        return ""
+    line = doc.count("\n", 0, pos) + 1
+    column = pos - doc.rfind("\n", 0, pos)
+    return f" (line {line}, column {column})"
+
+
+def _body_error(request: Request, exc: RequestValidationError) -> APIError | None:
+    """An error about the JSON body as a whole (not JSON, not an object, missing), if that is
+    what failed; field errors are left to the usual 422."""
+    for error in exc.errors():
+        loc = tuple(error.get("loc", ()))
+        if not loc or loc[0] != "body":
+            continue
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+            where = _json_position(exc.body, loc[1] if len(loc) > 1 else None)
+            return invalid("body", f"request body is not valid JSON: {reason}{where}")
+        if len(loc) != 1:
+            continue
+        value = error.get("input")
+        if isinstance(value, (bytes, bytearray)):
+            # FastAPI hands over the raw bytes when the Content-Type is not JSON.
+            content_type = request.headers.get("content-type")
+            got = f"got {content_type!r}" if content_type else "no Content-Type was sent"
+            return APIError(415, "unsupported_media_type", f"send the request body as JSON with 'Content-Type: application/json' ({got})")
+        if error.get("type") == "missing":
+            return APIError(422, "invalid_request", "a JSON request body is required", field="body")
+        if error.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}
+            return APIError(422, "invalid_request", f"the request body must be a JSON object, got {kind.get(type(value), 'something else')}", field="body")
+    return None
+
+
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
+def _unparsable_body(cause: BaseException) -> APIError:
+    """JSON that json.loads refuses other than by a syntax error."""
+    if isinstance(cause, UnicodeDecodeError):
+        message = f"request body is not valid UTF-8 (byte {cause.start + 1})"
+    elif isinstance(cause, RecursionError):
+        message = "request body is not valid JSON: nested too deeply"
+    elif isinstance(cause, ValueError) and "digits" in str(cause):
+        message = "request body is not valid JSON: a number has too many digits"
+    else:
+        message = "request body could not be parsed as JSON"
+    return invalid("body", message)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(error_body(exc.code, exc.message, exc.field, exc.details), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        body_error = _body_error(request, exc)
+        if body_error is not None:
+            return await _api_error(request, body_error)
         details = pydantic_details(list(exc.errors()))
         if not details:
             return JSONResponse(error_body("invalid_request", "invalid request"), status_code=422)
@@ -110,9 +198,20 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("invalid_request", message, field, details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None and exc.detail == _FASTAPI_BODY_ERROR:
+            # FastAPI's 400 "There was an error parsing the body": a 422 like any other
+            # unparsable JSON body, saying what was wrong with it.
+            return await _api_error(request, _unparsable_body(exc.__cause__))
         code = _STATUS_CODES.get(exc.status_code, "error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(OperationalError)
+    async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+        # The database is down, unreachable or locked: an outage the client may retry, not a bug.
+        log.error("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        body = error_body("unavailable", "the database is unavailable; retry later")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -18,6 +18,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
 
 
+def could_exist(object_id: str) -> bool:
+    """Whether ``object_id`` could name a stored object. One with a NUL character cannot, and
+    must not reach a query either: PostgreSQL refuses NUL in text (a server error, not a miss)."""
+    return "\x00" not in object_id
+
+
 def new_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 

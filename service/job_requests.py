@@ -16,6 +16,7 @@ from rlora.models import list_base_models
 from rlora.training_config import MixtureEntry, TrainConfig
 
 from .errors import invalid_fields, pydantic_details
+from .ids import could_exist
 from .models import File
 from .schemas import JobCreate
 from .settings import Settings
@@ -42,7 +43,8 @@ def check_job(session: Session, settings: Settings, tenant_id: str, body: JobCre
         problems.append({"field": "base_model", "message": f"unknown base model {body.base_model!r}; available: {', '.join(available)}"})
 
     wanted = {item.file_id for item in body.mixture} | {i.validation_file_id for i in body.mixture if i.validation_file_id}
-    files = {f.id: f for f in session.scalars(select(File).where(File.tenant_id == tenant_id, File.id.in_(wanted)))}
+    candidates = [file_id for file_id in wanted if could_exist(file_id)]
+    files = {f.id: f for f in session.scalars(select(File).where(File.tenant_id == tenant_id, File.id.in_(candidates)))}
     for index, item in enumerate(body.mixture):
         for name in ("file_id", "validation_file_id"):
             file_id = getattr(item, name)

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from .deps import SettingsDep
 from .errors import invalid
+from .ids import could_exist
 
 
 class PageParams:
@@ -19,8 +20,10 @@ class PageParams:
         limit: Annotated[int, Query(ge=1, description="items per page")] = 20,
         after: Annotated[str | None, Query(max_length=100, description="next_cursor of the previous page")] = None,
     ):
+        if after is not None and not could_exist(after):
+            raise invalid("after", "after: not a cursor (it contains a NUL character); pass the next_cursor of the previous page")
         if limit > settings.page_size_max:
-            raise invalid("limit", f"must be at most {settings.page_size_max}")
+            raise invalid("limit", f"limit: must be at most {settings.page_size_max}")
         self.limit = limit
         self.after = after
 

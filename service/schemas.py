@@ -37,7 +37,7 @@ class FileOut(BaseModel):
 
 
 class MixtureItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     file_id: str = Field(min_length=1)
     weight: float = _ENTRY["weight"]
@@ -46,7 +46,7 @@ class MixtureItem(BaseModel):
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base_model: str = Field(min_length=1, max_length=255)
     mixture: list[MixtureItem] = Field(min_length=1, max_length=64)
@@ -133,3 +133,35 @@ class Deleted(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="machine-readable, e.g. invalid_request, not_found, unauthorized")
+    message: str = Field(description="what is wrong, naming the field when there is one")
+    field: str | None = Field(None, description="where: a body path such as mixture[0].weight, a query parameter or a header")
+    details: list[dict[str, Any]] | None = Field(None, description="every problem found, when there are several")
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape of every failure."""
+
+    error: ErrorInfo
+
+
+_ERROR_DESCRIPTIONS = {
+    401: "Missing or invalid API key",
+    404: "No such object (or it belongs to another tenant)",
+    409: "Conflict with the object's current state",
+    410: "The object's files are gone",
+    413: "Request body too large",
+    415: "The body is not sent as JSON",
+    422: "Invalid request (a body that is not valid JSON included): the field is named",
+    429: "Too many requests or active jobs",
+    503: "Temporarily unavailable",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all in the one error shape."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
+

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 # The fields the service reads itself to pick the adapter; the rest go to `from_tgi`.
 ROUTING_FIELDS = ("adapter_id", "adapter_source", "api_token")
@@ -72,11 +72,22 @@ class GenerateRequest(BaseModel):
     inputs: StrictStr
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _null_means_defaults(cls, value: Any) -> Any:
+        # Clients that build the body from a schema send "parameters": null for "all defaults".
+        return {} if value is None else value
+
 
 class CompatGenerateRequest(GenerateRequest):
     """``POST /``: ``stream`` true answers with the event stream, else a list of one response."""
 
     stream: StrictBool = False
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream(cls, value: Any) -> Any:
+        return False if value is None else value
 
 
 def sse(data: dict) -> bytes:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from fastapi import Request
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .errors import APIError, invalid
@@ -45,9 +45,11 @@ class _FilePart:
         self._header_field = b""
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
+        self.ended = False  # the closing boundary was read
 
     def callbacks(self) -> dict:
         return {
+            "on_end": self._end,
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field_data,
             "on_header_value": self._header_value_data,
@@ -91,6 +93,9 @@ class _FilePart:
     def _part_end(self) -> None:
         self._in_file = False
 
+    def _end(self) -> None:
+        self.ended = True
+
 
 async def receive_upload(request: Request, settings: Settings) -> Upload:
     """Stream the request's multipart ``file`` field to a staged file under RLORA_HOME.
@@ -114,20 +119,24 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
     try:
         with os.fdopen(fd, "wb") as staged:
             part = _FilePart(staged, limit)
-            parser = MultipartParser(boundary, part.callbacks())
             try:
+                parser = MultipartParser(boundary, part.callbacks())  # refuses an overlong boundary
                 async for chunk in request.stream():
                     parser.write(chunk)
                     if part.too_large:
                         raise _too_large(limit)
                 parser.finalize()
-            except MultipartParseError as err:
+            except FormParserError as err:
                 raise invalid(FIELD, f"malformed multipart body: {err}") from None
+            if not part.ended:
+                raise invalid(FIELD, "malformed multipart body: it ends before its closing boundary (truncated upload?)")
             staged.flush()
             os.fsync(staged.fileno())
         if not part.seen:
             raise invalid(FIELD, "no 'file' field in the multipart body")
-        filename = PurePath((part.filename or "dataset").replace("\\", "/")).name[:255] or "dataset"
+        # NUL and other control characters out: no use in a name, and PostgreSQL refuses NUL.
+        name = "".join(ch for ch in (part.filename or "") if ch.isprintable() or ch == " ")
+        filename = PurePath(name.replace("\\", "/")).name[:255] or "dataset"
         return Upload(path=path, filename=filename, size=part.size, sha256=part.sha.hexdigest())
     except BaseException:
         path.unlink(missing_ok=True)

@@ -463,3 +463,11 @@ def test_a_generate_client_leaving_cancels_the_request(live):
     with httpx.Client(base_url=url, timeout=30) as http:
         response = http.post("/generate", headers=headers, json=body(adapter_id, **GREEDY))
         assert response.status_code == 200 and response.headers["x-generated-tokens"] == "12"
+
+
+def test_null_parameters_and_stream_mean_defaults(client, owner):
+    headers, _ = owner
+    response = client.post("/generate", json={"inputs": PROMPT, "parameters": None}, headers=headers)
+    assert response.status_code == 200, response.text
+    listed = client.post("/", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}, "stream": None}, headers=headers)
+    assert listed.status_code == 200 and isinstance(listed.json(), list)

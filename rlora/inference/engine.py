@@ -74,6 +74,11 @@ class EngineClosed(RuntimeError):
 _DONE = object()
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class RequestHandle:
     """One submitted request. Thread-safe; usable from threads and from asyncio."""
 
@@ -140,9 +145,13 @@ class RequestHandle:
 
     async def aresult(self) -> GenerationResult:
         """Await the result; cancelling the awaiting task cancels the request."""
+        waited = asyncio.wrap_future(self._future)
         try:
-            return await asyncio.shield(asyncio.wrap_future(self._future))
+            return await asyncio.shield(waited)
         except asyncio.CancelledError:
+            # Nobody awaits it any more: take its RequestCancelled, or asyncio logs it as
+            # "Future exception was never retrieved".
+            waited.add_done_callback(_retrieve)
             self.cancel()
             raise
 
@@ -333,7 +342,8 @@ class BaseModelRunner:
             )
         max_new = params.max_new_tokens
         if max_new is None:
-            max_new = max(1, min(limits.default_max_new_tokens, limits.max_total_tokens - n))
+            # The default, within the server's own limit (RLORA_MAX_NEW_TOKENS) and the context.
+            max_new = max(1, min(limits.default_max_new_tokens, limits.max_new_tokens, limits.max_total_tokens - n))
         if n + max_new > limits.max_total_tokens:
             raise GenerationValidationError(
                 "max_new_tokens",
@@ -669,14 +679,22 @@ class BaseModelRunner:
     def _choose_one(self, request: _Request, scores: torch.Tensor) -> tuple[int, float]:
         params = request.params
         scores = scores.clone()
+        # Extreme (valid) penalties and temperatures must not make a NaN of the softmax: each
+        # factor is clamped to what the scores' dtype can hold, a score pushed to +inf is capped,
+        # and the best score is shifted to 0 before the temperature divides, so a tiny
+        # temperature sends the others to -inf rather than the best to +inf.
+        finfo = torch.finfo(scores.dtype)
         penalty = params.repetition_penalty
         if penalty is not None and penalty != 1.0:
+            penalty = min(max(penalty, finfo.tiny), finfo.max)
             seen = torch.tensor(request.prompt + request.generated, dtype=torch.long, device=scores.device)
             picked = scores.gather(0, seen)
             scores.scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+            scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=finfo.max)
         if params.sampling:
             if params.temperature is not None and params.temperature != 1.0:
-                scores = scores / params.temperature
+                temperature = min(max(params.temperature, finfo.tiny), finfo.max)
+                scores = (scores - scores.max()) / temperature
             if params.top_k:
                 k = min(params.top_k, scores.shape[-1])
                 kth = torch.topk(scores, k).values[-1]

@@ -9,10 +9,18 @@ as TGI's ``NextTokenChooser`` does; the stop text is kept in ``generated_text``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 MAX_SEED = 2**64 - 1
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 class GenerationValidationError(ValueError):
@@ -93,6 +101,8 @@ class GenerationParams:
         def number(name, value):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise GenerationValidationError(name, f"`{name}` must be a number, got {value!r}")
+            if value is not None and not _finite(value):
+                raise GenerationValidationError(name, f"`{name}` must be a finite number, got {value!r}")
 
         def integer(name, value):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

@@ -8,6 +8,7 @@ from rlora.data import DatasetValidationError, validate_dataset
 from ..auth import TenantDep
 from ..deps import SessionDep, SettingsDep
 from ..errors import APIError, not_found
+from ..ids import could_exist
 from ..jobs_state import active_jobs_using_file
 from ..models import File
 from ..paging import PageDep, page
@@ -20,7 +21,9 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
 def get_file(session: Session, tenant_id: str, file_id: str) -> File:
-    file = session.scalar(select(File).where(File.tenant_id == tenant_id, File.id == file_id))
+    file = None
+    if could_exist(file_id):
+        file = session.scalar(select(File).where(File.tenant_id == tenant_id, File.id == file_id))
     if file is None:
         raise not_found("file", file_id)
     return file

@@ -48,7 +48,8 @@ from rlora.models import UnknownBaseModel
 
 from ..auth import TenantDep
 from ..deps import SessionDep
-from ..errors import APIError, invalid, not_found
+from ..errors import APIError, invalid, not_found, reject_lone_surrogates
+from ..ids import could_exist
 from ..inference import get_engine
 from ..models import Adapter
 from ..tgi import CompatGenerateRequest, GenerateParameters, GenerateRequest, sse, sse_error
@@ -78,6 +79,8 @@ def _param_field(name: str) -> str:
 
 
 def _generation_params(body: GenerateRequest) -> GenerationParams:
+    reject_lone_surrogates(body.inputs, "inputs")
+    reject_lone_surrogates(body.parameters.model_dump(), "parameters")
     if not body.inputs:
         raise invalid("inputs", "Input validation error: `inputs` cannot be empty")
     p = body.parameters
@@ -113,7 +116,9 @@ def _lookup_adapter(session: Session, tenant_id: str, p: GenerateParameters) -> 
     adapter_id = p.adapter_id
     if not adapter_id:
         return None  # null or "" (LoRAX's "no adapter"): the base model
-    row = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.id == adapter_id))
+    row = None
+    if could_exist(adapter_id):
+        row = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.id == adapter_id))
     if row is not None:
         return Target(adapter_id=row.id, path=row.path, base_model=row.base_model)
     if _looks_like_path_or_hub_id(adapter_id):

@@ -10,7 +10,8 @@ from worker.celery_app import enqueue_job
 from .. import jobs_state
 from ..auth import TenantDep
 from ..deps import CeleryDep, SessionDep, SettingsDep
-from ..errors import APIError, invalid, not_found
+from ..errors import APIError, invalid, not_found, reject_lone_surrogates
+from ..ids import could_exist
 from ..job_requests import check_job, request_hash
 from ..jobs_state import Status
 from ..models import Adapter, Job, JobEvent, JobFile
@@ -23,7 +24,9 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.id == job_id))
+    job = None
+    if could_exist(job_id):
+        job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.id == job_id))
     if job is None:
         raise not_found("job", job_id)
     return job
@@ -71,6 +74,7 @@ def create_job(
     celery: CeleryDep,
     idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER, min_length=1, max_length=255)] = None,
 ) -> JobOut:
+    reject_lone_surrogates(body.model_dump())
     digest = request_hash(body)
     if idempotency_key is not None:
         earlier = _replay(session, tenant.id, idempotency_key, digest)
@@ -151,11 +155,11 @@ def list_events(
     tenant: TenantDep,
     session: SessionDep,
     settings: SettingsDep,
-    after: Annotated[int | None, Query(ge=0, description="id of the last event seen")] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="id of the last event seen (event ids are 32-bit)")] = None,
     limit: Annotated[int, Query(ge=1)] = 100,
 ) -> Page[JobEventOut]:
     if limit > settings.page_size_max:
-        raise invalid("limit", f"must be at most {settings.page_size_max}")
+        raise invalid("limit", f"limit: must be at most {settings.page_size_max}")
     get_job(session, tenant.id, job_id)
     query = select(JobEvent).where(JobEvent.tenant_id == tenant.id, JobEvent.job_id == job_id)
     if after is not None:
