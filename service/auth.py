@@ -9,8 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .deps import SessionDep
-from .errors import APIError
-from .ids import KEY_SHOWN_CHARS, hash_api_key, new_api_key
+from .errors import APIError, not_found
+from .ids import KEY_SHOWN_CHARS, could_exist, hash_api_key, new_api_key
 from .models import ApiKey, Tenant
 
 
@@ -51,3 +51,14 @@ def current_tenant(request: Request, session: SessionDep) -> Tenant:
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+
+def get_owned(session: Session, model: type, tenant_id: str, object_id: str, kind: str):
+    """The tenant's ``model`` row ``object_id``; another tenant's, like a missing one, is a 404
+    (never a 403, which would confirm that the id exists)."""
+    row = None
+    if could_exist(object_id):
+        row = session.scalar(select(model).where(model.tenant_id == tenant_id, model.id == object_id))
+    if row is None:
+        raise not_found(kind, object_id)
+    return row

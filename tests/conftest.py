@@ -3,6 +3,9 @@ import os
 import pytest
 import torch
 
+# The service tests' fixtures (databases, apps, clients, tenants), shared as a plugin.
+pytest_plugins = ["conftest_service"]
+
 # Tests run on 2 cores next to a database and a broker: keep torch from oversubscribing them.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest_service import app, backend, client, dataset, job_body, make_settings, new_tenant, service_settings, upload  # noqa: F401
+from conftest_service import dataset, job_body, make_settings, upload
 
 from service import jobs_state
 from service.jobs_state import InvalidTransition, Status

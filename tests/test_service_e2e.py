@@ -11,8 +11,6 @@ import httpx
 import pytest
 from conftest_service import REPO, dataset, free_port, job_body, rlora_command, service_env, stop_process, wait_for
 
-pytest.importorskip("rlora.trainer", reason="rlora.trainer (the trainer) is not written yet")
-
 
 def create_key(home, name: str) -> str:
     result = subprocess.run(rlora_command("tenant", "create", name), cwd=REPO, env=service_env(home=home), capture_output=True, text=True, timeout=120)

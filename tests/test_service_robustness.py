@@ -12,7 +12,7 @@ import math
 import secrets
 
 import pytest
-from conftest_service import app, backend, client, database_url, dataset, job_body, make_settings, new_tenant, service_settings, upload  # noqa: F401
+from conftest_service import database_url, dataset, job_body, make_settings, upload
 from fastapi.testclient import TestClient
 
 from service.app import create_app

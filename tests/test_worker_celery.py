@@ -36,8 +36,6 @@ from service.app import create_app
 from service.auth import create_tenant
 from service.models import JobEvent
 
-pytest.importorskip("rlora.trainer", reason="rlora.trainer (the trainer) is not written yet")
-
 TIMING = dict(progress_interval=0.2, heartbeat_interval=0.5, heartbeat_timeout=4, reconcile_interval=1, requeue_after=600)
 
 

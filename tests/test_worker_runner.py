@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-from conftest_service import app, backend, client, dataset, job_body, new_tenant, service_settings, upload  # noqa: F401
+from conftest_service import dataset, job_body, upload
 from sqlalchemy import update
 
 from service import jobs_state
@@ -85,7 +84,6 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again_once(client, new_tena
 
 
 def test_a_job_whose_file_vanished_fails_with_a_readable_error(client, new_tenant, app, service_settings):
-    pytest.importorskip("rlora.trainer", reason="rlora.trainer (the trainer) is not written yet")
     from worker.runner import run_job
 
     headers = new_tenant()

@@ -10,10 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from ..auth import TenantDep
+from ..auth import TenantDep, get_owned
 from ..deps import SessionDep, SettingsDep
-from ..errors import APIError, not_found
-from ..ids import could_exist
+from ..errors import APIError
 from ..inference import evict_adapter
 from ..models import Adapter
 from ..paging import PageDep, page
@@ -23,12 +22,7 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 
 def get_adapter(session: Session, tenant_id: str, adapter_id: str) -> Adapter:
-    adapter = None
-    if could_exist(adapter_id):
-        adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.id == adapter_id))
-    if adapter is None:
-        raise not_found("adapter", adapter_id)
-    return adapter
+    return get_owned(session, Adapter, tenant_id, adapter_id, "adapter")
 
 
 @router.get("")

@@ -5,10 +5,9 @@ from starlette.concurrency import run_in_threadpool
 
 from rlora.data import DatasetValidationError, validate_dataset
 
-from ..auth import TenantDep
+from ..auth import TenantDep, get_owned
 from ..deps import SessionDep, SettingsDep
-from ..errors import APIError, not_found
-from ..ids import could_exist
+from ..errors import APIError
 from ..jobs_state import active_jobs_using_file
 from ..models import File
 from ..paging import PageDep, page
@@ -21,12 +20,7 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
 def get_file(session: Session, tenant_id: str, file_id: str) -> File:
-    file = None
-    if could_exist(file_id):
-        file = session.scalar(select(File).where(File.tenant_id == tenant_id, File.id == file_id))
-    if file is None:
-        raise not_found("file", file_id)
-    return file
+    return get_owned(session, File, tenant_id, file_id, "file")
 
 
 def _validate_and_store(session: Session, settings: Settings, tenant_id: str, upload: Upload) -> File:

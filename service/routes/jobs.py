@@ -8,10 +8,9 @@ from sqlalchemy.orm import Session
 from worker.celery_app import enqueue_job
 
 from .. import jobs_state
-from ..auth import TenantDep
+from ..auth import TenantDep, get_owned
 from ..deps import CeleryDep, SessionDep, SettingsDep
-from ..errors import APIError, invalid, not_found, reject_lone_surrogates
-from ..ids import could_exist
+from ..errors import APIError, invalid, reject_lone_surrogates
 from ..job_requests import check_job, request_hash
 from ..jobs_state import Status
 from ..models import Adapter, Job, JobEvent, JobFile
@@ -24,12 +23,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = None
-    if could_exist(job_id):
-        job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.id == job_id))
-    if job is None:
-        raise not_found("job", job_id)
-    return job
+    return get_owned(session, Job, tenant_id, job_id, "job")
 
 
 def job_out(job: Job, adapter_id: str | None) -> JobOut:
