@@ -510,7 +510,9 @@ def read_train_config(path: str | os.PathLike) -> TrainConfig:
 def cli_train(config_path: str) -> int:
     """``rlora train CONFIG.yaml``: exit 0 when trained, 2 for a bad config, 1 for a failure."""
     from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # ours is the one progress bar
     try:
         config = read_train_config(config_path)
         for entry in config.mixture:
@@ -525,7 +527,7 @@ def cli_train(config_path: str) -> int:
     def progress(p: Progress) -> None:
         bar.total = p.total_steps
         bar.n = p.step
-        bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.learning_rate:.2e}", tok_s=f"{p.tokens_per_second:.0f}")
+        bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.learning_rate:.2e}", tok_s=f"{p.tokens_per_second:.0f}", refresh=False)
         bar.refresh()
 
     def event(kind: str, data: dict) -> None:

@@ -203,7 +203,7 @@ def test_rlora_train_command_end_to_end_resumes_after_a_kill(datasets, tmp_path,
         "output_dir: out\n"
     )
     env = {"RLORA_HOME": str(tiny_model_path.parent.parent), "PATH": __import__("os").environ["PATH"]}
-    command = [sys.executable, "-c", "import sys; from rlora.trainer import cli_train; sys.exit(cli_train(sys.argv[1]))", str(config)]
+    command = [sys.executable, "-m", "service.cli", "train", str(config)]  # the `rlora train` command
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out_dir = tmp_path / "out"
     import time
