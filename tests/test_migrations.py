@@ -39,12 +39,7 @@ def test_rlora_migrate_command(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "database at head" in result.stdout
-    engine = make_engine(url)
-    try:
-        with engine.connect() as connection:
-            assert "jobs" in inspect(connection).get_table_names()
-    finally:
-        engine.dispose()
+    assert "jobs" in table_names(url)
 
 
 def test_a_non_editable_install_ships_and_applies_the_migrations(tmp_path):
@@ -73,9 +68,13 @@ def test_a_non_editable_install_ships_and_applies_the_migrations(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, url], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(target / "migrations")
+    assert "jobs" in table_names(url)
+
+
+def table_names(url: str) -> list[str]:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            assert "jobs" in inspect(connection).get_table_names()
+            return inspect(connection).get_table_names()
     finally:
         engine.dispose()
