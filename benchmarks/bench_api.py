@@ -90,7 +90,7 @@ def wait_healthy(base: str, process: subprocess.Popen, timeout: float) -> None:
 
 def make_tenants(url: str, count: int) -> list[str]:
     """``count`` tenants straight in the database (the API has no route for it): their keys."""
-    from service.auth import create_tenant
+    from service.api.auth import create_tenant
     from service.db import Database
 
     db = Database(url)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rlora  # noqa: E402
 from rlora import AdapterConfig  # noqa: E402
-from rlora.inference import InferenceEngine  # noqa: E402
+from rlora.serve import InferenceEngine  # noqa: E402
 from rlora.tiny import build_tiny_model  # noqa: E402
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]

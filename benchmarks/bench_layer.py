@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rlora import AdapterConfig  # noqa: E402
-from rlora.layer import RLoRALinear  # noqa: E402
+from rlora.adapter.layer import RLoRALinear  # noqa: E402
 
 
 class ReferenceLoopLayer(nn.Module):

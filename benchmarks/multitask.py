@@ -21,7 +21,7 @@ What it does:
      in our tries);
   3. trains `lora` (one head, rank chosen so its trainable-parameter count matches R-LoRA's:
      the paper's "LoRA*2"), `hydralora` and `rlora` with the same steps, learning rate, alpha/r,
-     data and seeds, through `rlora.trainer.train`;
+     data and seeds, through `rlora.train.train`;
   4. prints a markdown table: exact-match accuracy per task by greedy generation on held-out
      prompts, the mean over tasks, and head similarity (mean over adapted layers), each as
      mean ± sample standard deviation over seeds. A seed changes the adapter initialisation,
@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rlora import AdapterConfig, attach, trainable_parameters  # noqa: E402
-from rlora.config import VARIANTS  # noqa: E402
+from rlora.adapter.config import VARIANTS  # noqa: E402
 from rlora.pretrain import pretrain_tiny_model  # noqa: E402
 from rlora.tiny import build_tiny_model  # noqa: E402
 
@@ -191,8 +191,8 @@ def adapter_configs(base_path: Path, args) -> dict[str, dict]:
 def run_one(base_path: Path, mixture: list[dict], adapter: dict, seed: int, args, work_dir: Path) -> dict:
     """Train one adapter; return ``{"eval": {task: {"accuracy", "loss"}}, "head_similarity":
     {"mean"}, "trainable_parameters", "seconds"}`` (the trainer's metrics)."""
-    from rlora.trainer import train
-    from rlora.training_config import TrainConfig
+    from rlora.train import train
+    from rlora.train import TrainConfig
 
     config = TrainConfig(
         base_model=str(base_path),
@@ -214,9 +214,9 @@ def run_one(base_path: Path, mixture: list[dict], adapter: dict, seed: int, args
 def base_accuracy(base_path: Path, mixture: list[dict], args) -> dict[str, float]:
     """Exact match of the pretrained base model itself (no adapter) on each task."""
     from rlora.data import MixtureSource, load_dataset
-    from rlora.models import load_base_model
-    from rlora.trainer import evaluate
-    from rlora.training_config import TrainingSettings
+    from rlora.basemodels import load_base_model
+    from rlora.train.loop import evaluate
+    from rlora.train import TrainingSettings
 
     model, tokenizer = load_base_model(base_path)
     model.eval()

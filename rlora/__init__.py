@@ -1,17 +1,35 @@
-"""R-LoRA: randomized multi-head LoRA for multi-task fine-tuning (Liu, Chang and Wu, 2025)."""
+"""R-LoRA: randomized multi-head LoRA for multi-task fine-tuning (Liu, Chang and Wu, 2025).
+
+The entry points a script needs; the packages are `rlora.adapter` (the method), `rlora.data`,
+`rlora.train` and `rlora.serve` (docs/architecture.md).
+"""
 
 __version__ = "0.1.0"
 
-from .config import AdapterConfig, AdapterConfigError
-from .diagnostics import head_similarity, record_routing, routing_summary
-from .layer import RLoRALinear
-from .model import AdapterMismatchError, adapter_layers, attach, load, save, trainable_parameters
+from .adapter import (
+    AdapterConfig,
+    AdapterConfigError,
+    AdapterMismatchError,
+    RLoRALinear,
+    adapter_layers,
+    attach,
+    head_similarity,
+    load,
+    record_routing,
+    routing_summary,
+    save,
+    trainable_parameters,
+)
+from .serve import InferenceEngine
+from .train import TrainConfig, train
 
 __all__ = [
     "AdapterConfig",
     "AdapterConfigError",
     "AdapterMismatchError",
+    "InferenceEngine",
     "RLoRALinear",
+    "TrainConfig",
     "adapter_layers",
     "attach",
     "head_similarity",
@@ -19,5 +37,6 @@ __all__ = [
     "record_routing",
     "routing_summary",
     "save",
+    "train",
     "trainable_parameters",
 ]

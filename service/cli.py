@@ -12,7 +12,7 @@ import threading
 
 from pydantic import ValidationError
 
-from .settings import Settings, get_settings
+from service.settings import Settings, get_settings
 
 log = logging.getLogger("rlora")
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "train":
-        from rlora.trainer import cli_train
+        from rlora.train.loop import cli_train
 
         sys.exit(cli_train(args.config))
     try:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _migrate(settings: Settings) -> None:
-    from .migrate import upgrade_database
+    from service.migrate import upgrade_database
 
     settings.prepare_dirs()
     upgrade_database(settings.database)
@@ -78,8 +78,8 @@ def _display_url(url: str) -> str:
 
 
 def _create_tenant(settings: Settings, name: str) -> int:
-    from .auth import TenantExists, create_tenant
-    from .db import Database
+    from service.api.auth import TenantExists, create_tenant
+    from service.db import Database
 
     if not name.strip() or len(name) > 200:
         print("error: a tenant name has 1 to 200 characters", file=sys.stderr)
@@ -169,7 +169,7 @@ class _WorkerProcess:
 def _serve(settings: Settings, host: str, port: int, *, with_worker: bool) -> int:
     import uvicorn
 
-    from .app import create_app
+    from service.api.app import create_app
 
     _migrate(settings)
     worker = _WorkerProcess() if with_worker else None

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .ids import new_id
+from service.ids import new_id
 
 # Named constraints, so migrations (SQLite batch mode included) can refer to them.
 NAMING = {

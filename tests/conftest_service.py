@@ -76,7 +76,7 @@ def service_settings(backend, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def app(service_settings):
-    from service.app import create_app
+    from service.api.app import create_app
 
     return create_app(service_settings)
 
@@ -92,7 +92,7 @@ def client(app):
 @pytest.fixture
 def new_tenant(app):
     """Makes a tenant with a unique name; returns its Authorization headers."""
-    from service.auth import create_tenant
+    from service.api.auth import create_tenant
 
     def make(label: str = "t") -> dict[str, str]:
         with app.state.db.session() as session:

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import rlora
 from rlora import AdapterConfig
-from rlora.config import VARIANTS
+from rlora.adapter.config import VARIANTS
 
 pytestmark = pytest.mark.gpu
 
@@ -33,8 +33,8 @@ def test_bfloat16_model_on_cuda_starts_at_base_and_trains(variant, tiny_model_pa
 def test_trainer_runs_on_cuda_in_bfloat16(tmp_path, tiny_model_path):
     import json
 
-    from rlora.trainer import train
-    from rlora.training_config import TrainConfig
+    from rlora.train import train
+    from rlora.train import TrainConfig
 
     data = tmp_path / "ok.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"say ok {i}", "completion": "ok"}) + "\n" for i in range(40)))

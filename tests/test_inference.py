@@ -1,4 +1,4 @@
-"""The inference engine (rlora.inference) on the tiny model: equality with training-time
+"""The inference engine (rlora.serve) on the tiny model: equality with training-time
 R-LoRA in eval mode, batching across adapters, continuous batching, per-request parameters,
 limits, the adapter cache, routing summaries, and the async/cancellation API."""
 
@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlora
 from rlora import AdapterConfig, AdapterMismatchError
-from rlora.diagnostics import routing_summary
-from rlora.inference import (
+from rlora.adapter import routing_summary
+from rlora.serve import (
     EngineOverloaded,
     GenerationParams,
     GenerationValidationError,

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlora import AdapterConfig
-from rlora.config import VARIANTS
-from rlora.layer import RLoRALinear
+from rlora.adapter.config import VARIANTS
+from rlora.adapter.layer import RLoRALinear
 
 
 

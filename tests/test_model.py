@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import rlora
 from rlora import AdapterConfig, AdapterConfigError, AdapterMismatchError
-from rlora.config import VARIANTS
-from rlora.model import adapter_state_dict
+from rlora.adapter.config import VARIANTS
+from rlora.adapter.folder import adapter_state_dict
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -271,7 +271,7 @@ def test_zero_heads_break_symmetry_through_the_router(variant, tiny_model_path):
 
 
 def test_fingerprint_tells_checkpoints_apart_but_not_runtime_flags(tiny_model_path, tmp_path):
-    from rlora.model import base_model_fingerprint
+    from rlora.adapter.folder import base_model_fingerprint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     fingerprint = base_model_fingerprint(model)

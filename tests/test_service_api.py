@@ -7,8 +7,8 @@ import threading
 import pytest
 from conftest_service import dataset, job_body, make_settings, upload
 
-from service import jobs_state
-from service.jobs_state import InvalidTransition, Status
+from service.jobs import states
+from service.jobs.states import InvalidTransition, Status
 from service.models import Job
 
 
@@ -149,8 +149,8 @@ def test_oversize_json_body_is_413_but_uploads_keep_their_own_limit(tmp_path):
 
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.auth import create_tenant
+    from service.api.app import create_app
+    from service.api.auth import create_tenant
 
     # A JSON limit far below the upload limit: uploads between the two must still pass.
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'rlora.db'}", max_json_bytes=2048, max_upload_bytes=64 * 1024)
@@ -332,7 +332,7 @@ def test_cancel_a_running_job_sets_the_flag(client, new_tenant, app):
     file_id = upload(client, headers, dataset()).json()["id"]
     job = submit(client, headers, file_id)
     with app.state.db.session() as session:
-        assert jobs_state.claim(session, job["id"], "test-worker") == 1
+        assert states.claim(session, job["id"], "test-worker") == 1
     response = client.post(f"/v1/jobs/{job['id']}/cancel", headers=headers).json()
     assert response["status"] == "running" and response["cancel_requested"] is True
     kinds = [e["kind"] for e in client.get(f"/v1/jobs/{job['id']}/events", headers=headers).json()["data"]]
@@ -393,7 +393,7 @@ def test_concurrent_claims_exactly_one_wins(client, new_tenant, app):
     def claim(worker: str):
         with app.state.db.session() as session:
             barrier.wait()
-            results.append(jobs_state.claim(session, job_id, worker))
+            results.append(states.claim(session, job_id, worker))
 
     threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
     for thread in threads:
@@ -412,17 +412,17 @@ def test_transitions_are_compare_and_set(client, new_tenant, app):
     job_id = submit(client, headers, file_id)["id"]
     with app.state.db.session() as session:
         with pytest.raises(InvalidTransition):
-            jobs_state.transition(session, job_id, Status.QUEUED, Status.SUCCEEDED)
-        assert not jobs_state.transition(session, job_id, Status.RUNNING, Status.FAILED), "job is not running"
-        attempt = jobs_state.claim(session, job_id, "w")
-        assert not jobs_state.transition(session, job_id, Status.RUNNING, Status.SUCCEEDED, attempt=attempt + 1), "stale attempt"
-        assert jobs_state.transition(session, job_id, Status.RUNNING, Status.QUEUED, attempt=attempt)
-        assert jobs_state.claim(session, job_id, "w2") == attempt + 1
-        assert jobs_state.transition(session, job_id, Status.RUNNING, Status.FAILED, attempt=attempt + 1, error_code="x", error_message="y")
+            states.transition(session, job_id, Status.QUEUED, Status.SUCCEEDED)
+        assert not states.transition(session, job_id, Status.RUNNING, Status.FAILED), "job is not running"
+        attempt = states.claim(session, job_id, "w")
+        assert not states.transition(session, job_id, Status.RUNNING, Status.SUCCEEDED, attempt=attempt + 1), "stale attempt"
+        assert states.transition(session, job_id, Status.RUNNING, Status.QUEUED, attempt=attempt)
+        assert states.claim(session, job_id, "w2") == attempt + 1
+        assert states.transition(session, job_id, Status.RUNNING, Status.FAILED, attempt=attempt + 1, error_code="x", error_message="y")
         session.commit()
         job = session.get(Job, job_id, populate_existing=True)
         assert job.status == Status.FAILED and job.finished_at is not None
         with pytest.raises(InvalidTransition):
-            jobs_state.cancel(session, job)
+            states.cancel(session, job)
     error = client.get(f"/v1/jobs/{job_id}", headers=headers).json()["error"]
     assert error == {"code": "x", "message": "y"}

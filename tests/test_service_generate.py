@@ -21,10 +21,10 @@ from transformers import AutoModelForCausalLM
 
 import rlora
 from rlora import AdapterConfig
-from rlora.inference import GenerationParams
-from service.app import create_app
-from service.auth import create_tenant
-from service.inference import current_engine, get_engine
+from rlora.serve import GenerationParams
+from service.api.app import create_app
+from service.api.auth import create_tenant
+from service.api.inference import current_engine, get_engine
 from service.models import Adapter, Job
 
 MAX_NEW_TOKENS = 300  # the server's limit (RLORA_MAX_NEW_TOKENS) in these tests

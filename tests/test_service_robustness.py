@@ -15,8 +15,8 @@ import pytest
 from conftest_service import database_url, dataset, job_body, make_settings, upload
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.auth import create_tenant
+from service.api.app import create_app
+from service.api.auth import create_tenant
 
 JSON = {"content-type": "application/json"}
 
@@ -348,9 +348,9 @@ def test_a_client_that_leaves_leaves_no_unretrieved_future(gen_client, caplog):
     import asyncio
     import gc
 
-    from rlora.inference import GenerationParams
-    from service.inference import get_engine
-    from service.routes.generate import _result_unless_client_gone
+    from rlora.serve import GenerationParams
+    from service.api.inference import get_engine
+    from service.api.routes.generate import _result_unless_client_gone
 
     class Gone:
         async def receive(self):

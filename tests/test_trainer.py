@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlora.trainer import Progress, TrainingCancelled, cli_train, latest_checkpoint, read_train_config, train
-from rlora.training_config import TrainConfig
+from rlora.train.loop import Progress, TrainingCancelled, cli_train, latest_checkpoint, read_train_config, train
+from rlora.train.config import TrainConfig
 
 
 def write_jsonl(path, records):
@@ -143,8 +143,11 @@ def test_gradient_accumulation_matches_a_bigger_batch(datasets, tmp_path, tiny_m
 
     big = final("big", batch_size=8)
     accumulated = final("accumulated", batch_size=4, gradient_accumulation_steps=2)
+    # Adam divides by the gradient's root mean square, so float32 summation-order noise in a
+    # near-zero gradient entry can move that entry by a few 1e-6 after three steps; a wrong
+    # normalisation of the accumulated loss moves every entry by far more than 1e-5.
     for name, tensor in big.items():
-        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_epochs_decide_the_length(datasets, tmp_path, tiny_model_path):

@@ -32,8 +32,8 @@ from conftest_service import (
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from service.app import create_app
-from service.auth import create_tenant
+from service.api.app import create_app
+from service.api.auth import create_tenant
 from service.models import JobEvent
 
 TIMING = dict(progress_interval=0.2, heartbeat_interval=0.5, heartbeat_timeout=4, reconcile_interval=1, requeue_after=600)

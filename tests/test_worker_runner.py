@@ -11,10 +11,10 @@ from datetime import timedelta
 from conftest_service import dataset, job_body, upload
 from sqlalchemy import update
 
-from service import jobs_state
-from service.jobs_state import Status
+from service.jobs import states
+from service.jobs.states import Status
 from service.models import Job, utcnow
-from service.storage import blob_path
+from service.jobs.storage import blob_path
 from worker.reconciler import reconcile
 
 
@@ -43,7 +43,7 @@ def test_a_running_job_with_a_stale_heartbeat_is_queued_again(client, new_tenant
     headers = new_tenant()
     job_id = submit(client, headers)
     with app.state.db.session() as session:
-        attempt = jobs_state.claim(session, job_id, "lost-worker")
+        attempt = states.claim(session, job_id, "lost-worker")
     reconcile(service_settings, app.state.db, app.state.celery)
     assert client.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"] == "running", "heartbeat is fresh"
 
@@ -55,14 +55,14 @@ def test_a_running_job_with_a_stale_heartbeat_is_queued_again(client, new_tenant
     assert kinds(client, headers, job_id)[-1] == "requeued"
     assert messages_for(service_settings, job_id) == sent_before + 1
     with app.state.db.session() as session:
-        assert jobs_state.claim(session, job_id, "next-worker") == attempt + 1
+        assert states.claim(session, job_id, "next-worker") == attempt + 1
 
 
 def test_a_lost_job_that_was_being_cancelled_ends_cancelled(client, new_tenant, app, service_settings):
     headers = new_tenant()
     job_id = submit(client, headers)
     with app.state.db.session() as session:
-        jobs_state.claim(session, job_id, "lost-worker")
+        states.claim(session, job_id, "lost-worker")
     client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
     set_job(app, job_id, heartbeat_at=utcnow() - timedelta(hours=1))
     reconcile(service_settings, app.state.db, app.state.celery)

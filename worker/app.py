@@ -12,9 +12,9 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from service.db import Database
 from service.settings import get_settings
 
-from .celery_app import TASK_NAME, create_celery
-from .reconciler import Reconciler
-from .runner import run_job
+from service.jobs.queue import TASK_NAME, create_celery
+from worker.reconciler import Reconciler
+from worker.runner import run_job
 
 settings = get_settings()
 app = create_celery(settings)

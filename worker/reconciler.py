@@ -15,13 +15,13 @@ from datetime import timedelta
 from celery import Celery
 from sqlalchemy import or_, select
 
-from service import jobs_state
+from service.jobs import states
 from service.db import Database
-from service.jobs_state import Status
+from service.jobs.states import Status
 from service.models import Job, utcnow
 from service.settings import Settings
 
-from .celery_app import enqueue_job
+from service.jobs.queue import enqueue_job
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def reconcile(settings: Settings, db: Database, celery: Celery) -> dict[str, int
             )
         ).all()
         for job in lost:
-            new = jobs_state.requeue_lost(session, job, f"no heartbeat from {job.worker} for {settings.heartbeat_timeout:g}s")
+            new = states.requeue_lost(session, job, f"no heartbeat from {job.worker} for {settings.heartbeat_timeout:g}s")
             if new == Status.QUEUED:
                 log.warning("job %s: worker %s lost; queued again", job.id, job.worker)
                 enqueue_job(celery, job.id, job.queue)
@@ -50,7 +50,7 @@ def reconcile(settings: Settings, db: Database, celery: Celery) -> dict[str, int
             select(Job).where(Job.status == Status.QUEUED, Job.enqueued_at < now - timedelta(seconds=settings.requeue_after))
         ).all()
         for job in waiting:
-            if jobs_state.touch_enqueued(session, job, now):
+            if states.touch_enqueued(session, job, now):
                 log.warning("job %s: queued since %s without a worker taking it; sent again", job.id, job.enqueued_at)
                 enqueue_job(celery, job.id, job.queue)
                 counts["resent"] += 1

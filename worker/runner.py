@@ -16,14 +16,14 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from rlora.trainer import Progress, TrainingCancelled, train
-from rlora.training_config import MixtureEntry, TrainConfig
-from service import jobs_state
+from rlora.train.loop import Progress, TrainingCancelled, train
+from rlora.train.config import MixtureEntry, TrainConfig
+from service.jobs import states
 from service.db import Database
-from service.jobs_state import Status
+from service.jobs.states import Status
 from service.models import Adapter, File, Job, utcnow
 from service.settings import Settings
-from service.storage import blob_path
+from service.jobs.storage import blob_path
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class JobInputError(ValueError):
 def run_job(settings: Settings, db: Database, job_id: str, worker: str) -> Status | None:
     """Claim and run ``job_id``; the status this worker left it in, or None if not claimed."""
     with db.session() as session:
-        attempt = jobs_state.claim(session, job_id, worker)
+        attempt = states.claim(session, job_id, worker)
         if attempt is None:
             log.info("job %s is not queued (already taken, cancelled or done); skipping", job_id)
             return None
@@ -137,7 +137,7 @@ class _Run:
         }
         with self.db.session() as session:
             if self._update_owned(session, heartbeat_at=utcnow(), **values):
-                jobs_state.add_event(session, self.job, "progress", values)
+                states.add_event(session, self.job, "progress", values)
             session.commit()
 
     def _on_event(self, kind: str, data: dict) -> None:
@@ -145,7 +145,7 @@ class _Run:
         data = {key: value for key, value in data.items() if key != "path"}
         with self.db.session() as session:
             if self._update_owned(session, heartbeat_at=utcnow()):
-                jobs_state.add_event(session, self.job, kind, _jsonable(data))
+                states.add_event(session, self.job, kind, _jsonable(data))
             session.commit()
 
     def _should_stop(self) -> bool:
@@ -206,11 +206,11 @@ class _Run:
             )
             session.add(adapter)
             session.flush()
-            if not jobs_state.transition(session, self.job.id, Status.RUNNING, Status.SUCCEEDED, attempt=self.attempt, metrics=metrics):
+            if not states.transition(session, self.job.id, Status.RUNNING, Status.SUCCEEDED, attempt=self.attempt, metrics=metrics):
                 session.rollback()
                 log.warning("job %s finished training but is no longer ours; result dropped", self.job.id)
                 return None
-            jobs_state.add_event(session, self.job, "finished", {"status": Status.SUCCEEDED, "adapter_id": adapter.id})
+            states.add_event(session, self.job, "finished", {"status": Status.SUCCEEDED, "adapter_id": adapter.id})
             session.commit()
         self._drop_checkpoints()
         log.info("job %s succeeded: adapter %s", self.job.id, adapter.id)
@@ -221,13 +221,13 @@ class _Run:
         if error is not None:
             values = {"error_code": error[0], "error_message": error[1][:ERROR_MESSAGE_CHARS]}
         with self.db.session() as session:
-            if not jobs_state.transition(session, self.job.id, Status.RUNNING, status, attempt=self.attempt, **values):
+            if not states.transition(session, self.job.id, Status.RUNNING, status, attempt=self.attempt, **values):
                 session.rollback()
                 return None
             data: dict[str, Any] = {"status": status}
             if error is not None:
                 data["error"] = {"code": values["error_code"], "message": values["error_message"]}
-            jobs_state.add_event(session, self.job, "finished", data)
+            states.add_event(session, self.job, "finished", data)
             session.commit()
         self._drop_checkpoints()
         log.info("job %s %s%s", self.job.id, status, f": {error[1]}" if error else "")

@@ -1,0 +1,24 @@
+"""The dataset layer: reading and validating records (`records`), the task mixture (`mixture`),
+and tokenization with answer-only labels (`tokenize`). Nothing here knows about HTTP, Celery
+or the database."""
+
+from .mixture import MixtureSampler, MixtureSource, split_validation, steps_for_epochs
+from .records import IGNORE_INDEX, DatasetValidationError, Example, RecordError, load_dataset, validate_dataset
+from .tokenize import Collator, encode_example, prompt_ids, with_bos
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Collator",
+    "DatasetValidationError",
+    "Example",
+    "MixtureSampler",
+    "MixtureSource",
+    "RecordError",
+    "encode_example",
+    "load_dataset",
+    "prompt_ids",
+    "split_validation",
+    "steps_for_epochs",
+    "validate_dataset",
+    "with_bos",
+]

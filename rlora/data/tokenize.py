@@ -1,0 +1,147 @@
+"""Tokenization: examples to token ids with loss on the answer tokens only, and padding."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .records import IGNORE_INDEX, Example
+
+# Every example is tokenized as a conversation: prompt/completion and Alpaca records become
+# [user: prompt, assistant: answer]. With a chat template the tokenizer's template renders it;
+# without one the documented default renders each user/system turn as f"{content}\n" and each
+# assistant turn as its content followed by the eos token, so prompt/completion reads
+# f"{prompt}\n{answer}<eos>". The bos token, when the tokenizer has one, is put first unless
+# the rendered text already starts with it (templates such as Llama's include it; the tiny
+# model's does not). The labelled tokens of an assistant turn are found by tokenizing the
+# conversation up to that turn (with the generation prompt) and through it, and taking the
+# common prefix with the whole conversation's tokens, which holds even when the tokenizer
+# merges across the boundary.
+
+
+def encode_example(tokenizer: Any, example: Example, max_seq_len: int) -> dict[str, list[int]]:
+    """``{"input_ids", "labels"}`` for one example; labels are ``IGNORE_INDEX`` except on the
+    assistant turns' tokens and their end token (eos, or the template's end of turn).
+
+    Over ``max_seq_len`` tokens, the context before the final answer is dropped from the left
+    (after the bos token), then if the answer alone is still too long its end is cut. Raises
+    ValueError when no labelled token is left, which the trainer counts as a skipped example.
+    """
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    messages = _conversation(example)
+    unprefixed = _token_ids(tokenizer, _render(tokenizer, messages, add_generation_prompt=False))
+    input_ids = with_bos(tokenizer, unprefixed)
+    offset = len(input_ids) - len(unprefixed)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    answer_start = len(input_ids)
+    for start, end in _assistant_spans(tokenizer, messages, unprefixed):
+        labels[offset + start : offset + end] = input_ids[offset + start : offset + end]
+        answer_start = offset + start
+    input_ids, labels = _truncate(input_ids, labels, answer_start, _bos_count(tokenizer, input_ids), max_seq_len)
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(f"example has no answer tokens within max_seq_len={max_seq_len}")
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def prompt_ids(tokenizer: Any, example: Example, max_len: int | None = None) -> list[int]:
+    """The ids a model is given to generate ``example.answer``: everything before the final
+    assistant turn, with the generation prompt; the same tokens ``encode_example`` puts before
+    the answer. Over ``max_len``, the oldest tokens after bos are dropped."""
+    context = _conversation(example)[:-1]
+    ids = with_bos(tokenizer, _token_ids(tokenizer, _render(tokenizer, context, add_generation_prompt=True)))
+    if max_len is not None and len(ids) > max_len:
+        head = _bos_count(tokenizer, ids)
+        ids = ids[:head] + ids[len(ids) - max(max_len - head, 0) :]
+    return ids
+
+
+def with_bos(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """``ids`` with the tokenizer's bos token first, unless it is there already or there is
+    none. Exposed so that generation from raw text follows the same convention."""
+    bos = tokenizer.bos_token_id
+    if bos is None or (ids and ids[0] == bos):
+        return list(ids)
+    return [bos, *ids]
+
+
+def _bos_count(tokenizer: Any, ids: Sequence[int]) -> int:
+    """1 when ``ids`` starts with bos: truncation keeps it, as the model always saw it first."""
+    return int(bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id)
+
+
+class Collator:
+    """Pads a batch of ``encode_example`` outputs to its longest member (right padding)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        width = max(len(feature["input_ids"]) for feature in features)
+        shape = (len(features), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        for row, feature in enumerate(features):
+            length = len(feature["input_ids"])
+            input_ids[row, :length] = torch.tensor(feature["input_ids"], dtype=torch.long)
+            labels[row, :length] = torch.tensor(feature["labels"], dtype=torch.long)
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _conversation(example: Example) -> list[dict]:
+    if example.messages is not None:
+        return [dict(message) for message in example.messages]
+    return [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.answer}]
+
+
+def _render(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    eos = tokenizer.eos_token or ""
+    return "".join(m["content"] + (eos if m["role"] == "assistant" else "\n") for m in messages)
+
+
+def _token_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict], full: list[int]) -> list[tuple[int, int]]:
+    """``[start, end)`` of each assistant turn within ``full`` (its content and end token)."""
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _token_ids(tokenizer, _render(tokenizer, messages[:index], add_generation_prompt=True))
+        through = _token_ids(tokenizer, _render(tokenizer, messages[: index + 1], add_generation_prompt=False))
+        start, end = _common_prefix(before, full), _common_prefix(through, full)
+        if end > start:
+            spans.append((start, end))
+    return spans
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def _truncate(
+    ids: list[int], labels: list[int], answer_start: int, head: int, max_len: int
+) -> tuple[list[int], list[int]]:
+    """Fit ``max_len``: drop context tokens after the first ``head`` (bos) ones, oldest first,
+    but not past ``answer_start``; then cut the end."""
+    overflow = len(ids) - max_len
+    if overflow <= 0:
+        return ids, labels
+    drop = min(overflow, max(answer_start - head, 0))
+    ids = ids[:head] + ids[head + drop :]
+    labels = labels[:head] + labels[head + drop :]
+    return ids[:max_len], labels[:max_len]

@@ -1,0 +1,242 @@
+"""Adapters for inference: the eval-mode adapter math in packed form, loading an adapter folder
+against a served base model, and the LRU cache bounded in bytes.
+
+An adapted layer in eval mode (no dropout) computes, with ``z = [A; W_r; A0] x``:
+
+    h = z[:r]; w = softmax(z[r:r+N]) (1 without a router); h0 = z[r+N:]
+    y = W x + b + [s*B_1 .. s*B_N | -s*B0] [w_1 h; ..; w_N h; h0]
+
+so each layer is held as two matrices: ``reads`` (r + N_router + r0, d_in) and ``writes``
+(d_out, N*r + r0), exactly the tensors of the adapter file (their bytes are the adapter's own
+size), in the order `RLoRALinear.forward` concatenates them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file
+
+from ..adapter.attach import is_target
+from ..adapter.config import AdapterConfig
+from ..adapter.folder import WEIGHTS_FILE, AdapterMismatchError, check_base_model, is_adapter_folder, read_adapter_config
+
+
+class AdapterTooLarge(ValueError):
+    """An adapter bigger than the whole adapter cache."""
+
+
+@dataclass
+class PackedLayer:
+    """One adapted layer, eval mode. ``reads`` in the adapter's dtype, ``writes`` pre-scaled and
+    in the base model's dtype (as `RLoRALinear` casts them before its output matmul)."""
+
+    rank: int
+    heads: int
+    has_router: bool
+    correction_rank: int  # r when the frozen init correction is present, else 0
+    reads: torch.Tensor  # (rank + (heads if has_router else 0) + correction_rank, d_in)
+    writes: torch.Tensor  # (d_out, heads * rank + correction_rank)
+
+    @property
+    def nbytes(self) -> int:
+        return self.reads.numel() * self.reads.element_size() + self.writes.numel() * self.writes.element_size()
+
+    @property
+    def router_rows(self) -> int:
+        return self.heads if self.has_router else 0
+
+
+def pack_layer(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    router: torch.Tensor | None,
+    lora_A0: torch.Tensor | None,
+    lora_B0: torch.Tensor | None,
+    scaling: float,
+    out_dtype: torch.dtype | None = None,
+) -> PackedLayer:
+    """The packed eval-mode form of one layer's adapter tensors (names as in the file format)."""
+    heads, d_out, rank = lora_B.shape
+    reads = [lora_A] + ([router] if router is not None else []) + ([lora_A0] if lora_A0 is not None else [])
+    writes = lora_B.permute(1, 0, 2).reshape(d_out, heads * rank)
+    if lora_B0 is not None:
+        writes = torch.cat([writes, -lora_B0], dim=1)
+    writes = writes * scaling
+    return PackedLayer(
+        rank=rank,
+        heads=heads,
+        has_router=router is not None,
+        correction_rank=0 if lora_A0 is None else lora_A0.shape[0],
+        reads=torch.cat(reads).contiguous(),
+        writes=writes.to(out_dtype or writes.dtype).contiguous(),
+    )
+
+
+def pack_rlora_layer(layer, out_dtype: torch.dtype | None = None) -> PackedLayer:
+    """`pack_layer` of an attached `RLoRALinear`."""
+    with torch.no_grad():
+        return pack_layer(
+            layer.lora_A.detach(), layer.lora_B.detach(),
+            None if layer.router is None else layer.router.detach(),
+            layer.lora_A0, layer.lora_B0, layer.scaling,
+            out_dtype or layer.base_layer.weight.dtype,
+        )
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter ready to serve on one base model."""
+
+    adapter_id: str
+    path: Path
+    base_model: str
+    config: AdapterConfig
+    layers: dict[str, PackedLayer]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers.values())
+
+    @property
+    def has_router(self) -> bool:
+        return any(layer.has_router for layer in self.layers.values())
+
+
+def load_adapter(
+    adapter_id: str,
+    path: str | os.PathLike,
+    *,
+    base_model: str,
+    fingerprint: str,
+    linear_shapes: dict[str, tuple[int, int]],
+    device: torch.device | str = "cpu",
+    out_dtype: torch.dtype = torch.float32,
+) -> LoadedAdapter:
+    """Read an adapter folder for the base model with ``fingerprint`` whose linear layers (path ->
+    (d_out, d_in)) are ``linear_shapes``. Raises FileNotFoundError for a missing folder and
+    `AdapterMismatchError` for an adapter of another base model or with inconsistent tensors."""
+    path = Path(path)
+    if not is_adapter_folder(path):
+        raise FileNotFoundError(f"no adapter folder at {str(path)!r} (adapter {adapter_id!r})")
+    config, meta = read_adapter_config(path)
+    check_base_model(meta, fingerprint, adapter=adapter_id, base_model=base_model)
+    tensors = load_file(path / WEIGHTS_FILE, device=str(device))
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        module, _, key = name.rpartition(".")
+        modules.setdefault(module, {})[key] = tensor
+    if not modules:
+        raise AdapterMismatchError(f"adapter {adapter_id!r} has no tensors")
+    layers = {}
+    for module, parts in modules.items():
+        _check_module(adapter_id, module, parts, config, linear_shapes)
+        layers[module] = pack_layer(
+            parts["lora_A"], parts["lora_B"], parts.get("router"), parts.get("lora_A0"), parts.get("lora_B0"),
+            config.scaling, out_dtype,
+        )
+    return LoadedAdapter(adapter_id=adapter_id, path=path, base_model=base_model, config=config, layers=layers, meta=meta)
+
+
+def _check_module(adapter_id, module, parts, config: AdapterConfig, linear_shapes) -> None:
+    def fail(message):
+        raise AdapterMismatchError(f"adapter {adapter_id!r}, module {module!r}: {message}")
+
+    if module not in linear_shapes:
+        fail("no such linear layer in the base model")
+    if not is_target(config, module):
+        fail(f"not among the adapter's target_modules {list(config.target_modules)}")
+    expected = {"lora_A", "lora_B"} | ({"router"} if config.has_router else set())
+    if config.uses_random_init:
+        expected |= {"lora_A0", "lora_B0"}
+    if set(parts) != expected:
+        fail(f"tensors {sorted(parts)}, expected {sorted(expected)}")
+    d_out, d_in = linear_shapes[module]
+    n, r = config.heads, config.rank
+    shapes = {"lora_A": (r, d_in), "lora_B": (n, d_out, r), "router": (n, d_in), "lora_A0": (r, d_in), "lora_B0": (d_out, r)}
+    for key, tensor in parts.items():
+        if tuple(tensor.shape) != shapes[key]:
+            fail(f"{key} has shape {tuple(tensor.shape)}, expected {shapes[key]}")
+
+
+class AdapterCache:
+    """LRU of loaded adapters, bounded by the adapters' tensor bytes. Thread-safe.
+
+    Requests already running keep their adapter alive after it is evicted (they hold a
+    reference); the bound is on what the cache itself keeps.
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be > 0")
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()
+
+    def get(self, adapter_id: str) -> LoadedAdapter | None:
+        with self._lock:
+            adapter = self._entries.get(adapter_id)
+            if adapter is not None:
+                self._entries.move_to_end(adapter_id)
+            return adapter
+
+    def put(self, adapter: LoadedAdapter) -> list[str]:
+        """Insert (or replace) ``adapter``; returns the ids evicted to make room."""
+        size = adapter.nbytes
+        if size > self.max_bytes:
+            raise AdapterTooLarge(f"adapter {adapter.adapter_id!r} is {size} bytes, over the adapter cache's {self.max_bytes}")
+        with self._lock:
+            self._remove(adapter.adapter_id)
+            evicted = []
+            while self._entries and self._bytes + size > self.max_bytes:
+                old_id, _ = next(iter(self._entries.items()))
+                self._remove(old_id)
+                evicted.append(old_id)
+            self._entries[adapter.adapter_id] = adapter
+            self._bytes += size
+            return evicted
+
+    def evict(self, adapter_id: str) -> bool:
+        with self._lock:
+            return self._remove(adapter_id)
+
+    def evict_where(self, predicate) -> list[str]:
+        with self._lock:
+            ids = [k for k, v in self._entries.items() if predicate(v)]
+            for k in ids:
+                self._remove(k)
+            return ids
+
+    def _remove(self, adapter_id: str) -> bool:
+        adapter = self._entries.pop(adapter_id, None)
+        if adapter is None:
+            return False
+        self._bytes -= adapter.nbytes
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def ids(self) -> list[str]:
+        """Least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def values(self) -> Iterable[LoadedAdapter]:
+        with self._lock:
+            return list(self._entries.values())

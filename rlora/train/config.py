@@ -1,0 +1,92 @@
+"""What a training run is: base model, dataset mixture, adapter and training settings.
+
+These pydantic models are the one definition of a job's fields. ``rlora train CONFIG.yaml``
+reads them from YAML (mixture entries with a local ``path``); the service validates the body
+of ``POST /v1/jobs`` with the same ``TrainingSettings`` and maps its ``file_id`` entries to
+paths before it calls the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..adapter.config import AdapterConfig, AdapterConfigError
+
+
+class TrainingSettings(BaseModel):
+    """Optimisation settings. Defaults follow the paper's Appendix C where it gives them."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps; wins over epochs")
+    epochs: float | None = Field(None, gt=0, le=1000, description="passes over the mixture's training examples")
+    batch_size: int = Field(8, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_seq_len: int = Field(512, ge=8, le=131_072)
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    validation_share: float = Field(0.1, ge=0, lt=1, description="share of each task held out when no validation set is given")
+    eval_max_examples: int = Field(64, ge=0, le=100_000, description="validation examples evaluated per task")
+    eval_max_new_tokens: int = Field(32, ge=1, le=4096)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _default_length(self) -> "TrainingSettings":
+        if self.max_steps is None and self.epochs is None:
+            self.epochs = 1.0
+        return self
+
+
+class MixtureEntry(BaseModel):
+    """One dataset of a mixture, read from a local file."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    path: str = Field(min_length=1)
+    weight: float = Field(1.0, gt=0, description="relative sampling weight")
+    task: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
+    validation_path: str | None = Field(None, description="held-out set; otherwise validation_share of path")
+
+
+class TrainConfig(BaseModel):
+    """A whole run: what ``rlora train`` reads and what the worker hands to the trainer."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    base_model: str = Field(min_length=1, description="'tiny', a folder under RLORA_MODELS_DIR, or a path")
+    mixture: list[MixtureEntry] = Field(min_length=1, max_length=64)
+    adapter: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    output_dir: str = Field(min_length=1)
+
+    @field_validator("adapter")
+    @classmethod
+    def _valid_adapter(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return AdapterConfig.from_dict(value).to_dict()
+        except AdapterConfigError as err:
+            # pydantic reports this under "adapter"; the message names the inner field.
+            raise ValueError(str(err)) from None
+
+    @field_validator("mixture")
+    @classmethod
+    def _unique_tasks(cls, value: list[MixtureEntry]) -> list[MixtureEntry]:
+        seen: set[str] = set()
+        for entry in value:
+            if entry.task in seen:
+                raise ValueError(f"task {entry.task!r} appears twice; give each dataset its own task name")
+            seen.add(entry.task)
+        return value
+
+    @property
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig.from_dict(self.adapter)
+

@@ -1,0 +1,68 @@
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
+
+from service.api.auth import TenantDep, get_owned
+from service.api.deps import SessionDep, SettingsDep
+from service.api.errors import APIError
+from service.api.inference import evict_adapter
+from service.models import Adapter
+from service.api.paging import PageDep, page
+from service.api.schemas import AdapterOut, Deleted, Page
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+def get_adapter(session: Session, tenant_id: str, adapter_id: str) -> Adapter:
+    return get_owned(session, Adapter, tenant_id, adapter_id, "adapter")
+
+
+@router.get("")
+def list_adapters(tenant: TenantDep, session: SessionDep, params: PageDep) -> Page[AdapterOut]:
+    rows, cursor = page(session, select(Adapter).where(Adapter.tenant_id == tenant.id), Adapter.id, params)
+    return Page(data=[AdapterOut.model_validate(row) for row in rows], next_cursor=cursor)
+
+
+@router.get("/{adapter_id}")
+def read_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep) -> AdapterOut:
+    return AdapterOut.model_validate(get_adapter(session, tenant.id, adapter_id))
+
+
+@router.get("/{adapter_id}/download", response_class=FileResponse)
+def download_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    """The adapter folder as a zip: ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    adapter = get_adapter(session, tenant.id, adapter_id)
+    folder = Path(adapter.path)
+    if not folder.is_dir():
+        raise APIError(410, "adapter_files_missing", f"the files of adapter {adapter_id} are no longer on disk")
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="adapter-", suffix=".zip", dir=settings.tmp_dir)
+    os.close(fd)
+    with zipfile.ZipFile(name, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, f"{adapter_id}/{path.relative_to(folder)}")
+    return FileResponse(
+        name, media_type="application/zip", filename=f"{adapter_id}.zip", background=BackgroundTask(os.unlink, name)
+    )
+
+
+@router.delete("/{adapter_id}")
+def delete_adapter(adapter_id: str, request: Request, tenant: TenantDep, session: SessionDep) -> Deleted:
+    adapter = get_adapter(session, tenant.id, adapter_id)
+    folder = adapter.path
+    session.delete(adapter)
+    session.commit()
+    # Out of the inference cache too (requests already running finish with it); /generate looks
+    # the id up in the database first, so from now on it is a 404 there.
+    evict_adapter(request.app, adapter_id)
+    shutil.rmtree(folder, ignore_errors=True)
+    return Deleted(id=adapter_id, object="adapter")

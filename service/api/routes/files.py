@@ -1,0 +1,102 @@
+from fastapi import APIRouter, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from rlora.data.records import DatasetValidationError, validate_dataset
+
+from service.api.auth import TenantDep, get_owned
+from service.api.deps import SessionDep, SettingsDep
+from service.api.errors import APIError
+from service.jobs.states import active_jobs_using_file
+from service.models import File
+from service.api.paging import PageDep, page
+from service.api.schemas import Deleted, FileOut, Page
+from service.settings import Settings
+from service.jobs.storage import remove_blob_if_unused, store_blob
+from service.api.uploads import FIELD, Upload, receive_upload
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+def get_file(session: Session, tenant_id: str, file_id: str) -> File:
+    return get_owned(session, File, tenant_id, file_id, "file")
+
+
+def _validate_and_store(session: Session, settings: Settings, tenant_id: str, upload: Upload) -> File:
+    try:
+        _, summary = validate_dataset(upload.path, max_record_chars=settings.max_record_chars)
+    except DatasetValidationError as err:
+        details = [{"line": e.line, "element": e.element, "field": e.field, "message": e.message} for e in err.errors]
+        plural = "" if err.total == 1 else "s"
+        raise APIError(
+            422, "invalid_dataset", f"invalid dataset: {err.total} problem{plural}; first: {err.errors[0]}", field=FIELD, details=details
+        ) from None
+    store_blob(settings, upload.path, upload.sha256)
+    file = File(
+        tenant_id=tenant_id,
+        filename=upload.filename,
+        sha256=upload.sha256,
+        bytes=upload.size,
+        format=summary.format,
+        records=summary.records,
+        tasks=dict(summary.tasks),
+        shapes=dict(summary.shapes),
+    )
+    session.add(file)
+    session.commit()
+    return file
+
+
+# The body is streamed by hand (for the size limit), so describe it to OpenAPI explicitly.
+_MULTIPART_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FIELD],
+                    "properties": {FIELD: {"type": "string", "format": "binary", "description": "JSONL or a JSON array"}},
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", status_code=201, openapi_extra=_MULTIPART_BODY)
+async def upload_file(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> FileOut:
+    upload = await receive_upload(request, settings)
+    try:
+        file = await run_in_threadpool(_validate_and_store, session, settings, tenant.id, upload)
+    finally:
+        upload.path.unlink(missing_ok=True)
+    return FileOut.model_validate(file)
+
+
+@router.get("")
+def list_files(tenant: TenantDep, session: SessionDep, params: PageDep) -> Page[FileOut]:
+    rows, cursor = page(session, select(File).where(File.tenant_id == tenant.id), File.id, params)
+    return Page(data=[FileOut.model_validate(row) for row in rows], next_cursor=cursor)
+
+
+@router.get("/{file_id}")
+def read_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FileOut:
+    return FileOut.model_validate(get_file(session, tenant.id, file_id))
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> Deleted:
+    file = get_file(session, tenant.id, file_id)
+    in_use = active_jobs_using_file(session, tenant.id, file_id)
+    if in_use:
+        raise APIError(
+            409, "file_in_use", f"file {file_id} is used by active job(s) {', '.join(in_use)}; cancel them or wait",
+            details=[{"job_id": job_id} for job_id in in_use],
+        )
+    sha = file.sha256
+    session.delete(file)
+    session.commit()
+    remove_blob_if_unused(session, settings, sha)
+    return Deleted(id=file_id, object="file")

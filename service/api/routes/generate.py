@@ -1,0 +1,285 @@
+"""Text generation over trained adapters, in TGI's wire format (as LoRAX speaks it).
+
+``POST /generate``         ``{"inputs", "parameters"}`` -> ``{"generated_text", "details"?}``
+``POST /generate_stream``  the same request -> server-sent events, one per token; the last one
+                           carries ``generated_text`` and (with ``details``) the details
+``POST /``                 TGI's compatibility route: ``"stream": true`` -> the event stream,
+                           else a JSON list of one /generate response
+
+The adapter is ``parameters.adapter_id``: the id of one of the caller's adapters (another
+tenant's, or an unknown or deleted one, is a 404). Without it the request runs on the base model
+named by the ``default_base_model`` setting (TGI has no field to pick a base model).
+
+Errors before generation starts use the service's error shape with their HTTP status (a 422
+names the field, e.g. ``parameters.max_new_tokens``). An error after a stream has begun can no
+longer change the status, so it is sent as TGI does: an event ``{"error", "error_type"}``.
+
+A client that goes away cancels its request's work: the stream's generator is closed (which
+cancels the engine request), and /generate watches for the disconnect while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
+
+from rlora.serve import (
+    AdapterTooLarge,
+    EngineClosed,
+    EngineOverloaded,
+    GenerationParams,
+    GenerationResult,
+    GenerationValidationError,
+    InferenceEngine,
+    RequestHandle,
+)
+from rlora.adapter.folder import AdapterMismatchError
+from rlora.basemodels import UnknownBaseModel
+
+from service.api.auth import TenantDep
+from service.api.deps import SessionDep
+from service.api.errors import APIError, invalid, not_found, reject_lone_surrogates
+from service.ids import could_exist
+from service.api.inference import get_engine
+from service.models import Adapter
+from service.api.tgi import CompatGenerateRequest, GenerateParameters, GenerateRequest, sse, sse_error
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["generate"])
+
+# nginx's "client closed request": what a /generate whose client left "answers" (nobody reads it).
+CLIENT_CLOSED_REQUEST = 499
+
+
+@dataclass(frozen=True)
+class Target:
+    """The adapter a request runs with (None: the default base model)."""
+
+    adapter_id: str
+    path: str
+    base_model: str
+
+
+# --- request preparation ---------------------------------------------------------------------
+
+
+def _param_field(name: str) -> str:
+    return name if name == "inputs" else f"parameters.{name}"
+
+
+def _generation_params(body: GenerateRequest) -> GenerationParams:
+    reject_lone_surrogates(body.inputs, "inputs")
+    reject_lone_surrogates(body.parameters.model_dump(), "parameters")
+    if not body.inputs:
+        raise invalid("inputs", "Input validation error: `inputs` cannot be empty")
+    p = body.parameters
+    # LoRAX fields `from_tgi` does not know: refused when asked for, never silently ignored.
+    if p.return_k_alternatives not in (None, 0):
+        raise invalid("parameters.return_k_alternatives", "`return_k_alternatives` is not supported by this server")
+    if p.apply_chat_template:
+        raise invalid("parameters.apply_chat_template", "`apply_chat_template` is not supported by this server; send the formatted prompt")
+    try:
+        return GenerationParams.from_tgi(p.generation_fields())
+    except GenerationValidationError as err:
+        raise invalid(_param_field(err.field), str(err)) from None
+
+
+def _looks_like_path_or_hub_id(adapter_id: str) -> bool:
+    return "/" in adapter_id or "\\" in adapter_id or adapter_id.startswith((".", "~"))
+
+
+def _lookup_adapter(session: Session, tenant_id: str, p: GenerateParameters) -> Target | None:
+    # In LoRAX, adapter_source "local" makes adapter_id a filesystem path on the server and "hub"
+    # a Hugging Face Hub repo it downloads. On a multi-tenant service neither may be honoured:
+    # a path would let one tenant read (and probe for) any file the server can see, other
+    # tenants' adapters included, and downloads would run arbitrary third-party weights. So every
+    # source ("local", "hub" or null) means the same thing here: adapter_id is the id of one of
+    # the caller's own adapters, looked up in the database scoped by tenant. A path or a hub
+    # repo id is refused with a 422 that says so; anything else not found is a 404.
+    source = p.adapter_source
+    if source not in (None, "local", "hub"):
+        raise invalid(
+            "parameters.adapter_source",
+            f"adapter_source {source!r} is not supported; set adapter_id to the id of one of your adapters (GET /v1/adapters)",
+        )
+    adapter_id = p.adapter_id
+    if not adapter_id:
+        return None  # null or "" (LoRAX's "no adapter"): the base model
+    row = None
+    if could_exist(adapter_id):
+        row = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.id == adapter_id))
+    if row is not None:
+        return Target(adapter_id=row.id, path=row.path, base_model=row.base_model)
+    if _looks_like_path_or_hub_id(adapter_id):
+        raise invalid(
+            "parameters.adapter_id",
+            f"adapter_id {adapter_id!r} looks like a path or a hub repository; this server only serves adapters "
+            "trained on it: set adapter_id to the id of one of your adapters (GET /v1/adapters)",
+        )
+    raise not_found("adapter", adapter_id)
+
+
+def _resolve(session: Session, tenant_id: str, p: GenerateParameters) -> Target | None:
+    try:
+        return _lookup_adapter(session, tenant_id, p)
+    finally:
+        # Give the connection back now: a stream can last minutes, and neither a pooled
+        # PostgreSQL connection nor an open SQLite read transaction should be held that long.
+        session.close()
+
+
+async def _prepare(body: GenerateRequest, tenant_id: str, session: Session) -> tuple[GenerationParams, Target | None]:
+    params = _generation_params(body)
+    target = await run_in_threadpool(_resolve, session, tenant_id, body.parameters)
+    return params, target
+
+
+async def _submit(engine: InferenceEngine, inputs: str, params: GenerationParams, target: Target | None) -> RequestHandle:
+    kwargs: dict[str, Any] = {}
+    if target is not None:
+        kwargs = dict(adapter_id=target.adapter_id, adapter_path=target.path, base_model=target.base_model)
+    try:
+        return await engine.asubmit(inputs, params, **kwargs)
+    except GenerationValidationError as err:
+        raise invalid(_param_field(err.field), str(err)) from None
+    except AdapterMismatchError as err:
+        raise APIError(422, "adapter_mismatch", str(err), field="parameters.adapter_id") from None
+    except AdapterTooLarge as err:
+        raise APIError(503, "adapter_too_large", f"{err}; raise RLORA_ADAPTER_CACHE_BYTES") from None
+    except FileNotFoundError:
+        if target is None:
+            raise  # a base model's files: the server's problem (500)
+        # The row exists but its folder is gone (as GET /v1/adapters/{id}/download says).
+        raise APIError(410, "adapter_files_missing", f"the files of adapter {target.adapter_id} are no longer on disk") from None
+    except UnknownBaseModel as err:
+        raise APIError(404, "not_found", str(err)) from None
+    except EngineOverloaded:
+        raise APIError(429, "too_many_requests", "Model is overloaded", headers={"Retry-After": "1"}) from None
+    except EngineClosed:
+        raise APIError(503, "unavailable", "the inference engine is shutting down") from None
+
+
+# --- /generate -------------------------------------------------------------------------------
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body was read already, so the next ASGI message
+    is ``http.disconnect``)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _result_unless_client_gone(request: Request, handle: RequestHandle) -> GenerationResult | None:
+    """The request's result, or None when the client went away first (its work is cancelled)."""
+    result = asyncio.ensure_future(handle.aresult())
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if result.done():
+            return result.result()
+        return None
+    finally:
+        gone.cancel()
+        if not result.done():
+            handle.cancel()
+            result.cancel()
+
+
+def _generate_headers(result: GenerationResult) -> dict[str, str]:
+    return {"x-prompt-tokens": str(result.prompt_tokens), "x-generated-tokens": str(result.generated_tokens)}
+
+
+async def _generate(request: Request, body: GenerateRequest, tenant_id: str, session: Session, *, as_list: bool) -> Response:
+    params, target = await _prepare(body, tenant_id, session)
+    handle = await _submit(get_engine(request.app), body.inputs, params, target)
+    result = await _result_unless_client_gone(request, handle)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    content = result.to_dict(details=params.details)
+    return JSONResponse([content] if as_list else content, headers=_generate_headers(result))
+
+
+# --- /generate_stream ------------------------------------------------------------------------
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events of one engine request. However the response ends (finished, client
+    gone, error), the request is cancelled (a no-op once it finished) and the generator closed."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, handle: RequestHandle, details: bool):
+        super().__init__(_events(handle, details), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.handle = handle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.handle.cancel()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _events(handle: RequestHandle, details: bool) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        async with contextlib.aclosing(handle.stream()) as stream:
+            async for event in stream:
+                yield sse(event.to_tgi_dict(details=details))
+                finished = event.final
+    except EngineClosed as err:
+        yield sse_error(str(err), "generation")
+        return
+    except Exception:  # noqa: BLE001 - the status is sent already: report it in the stream
+        log.exception("generation failed after its stream began")
+        yield sse_error("Request failed during generation", "generation")
+        return
+    if not finished:
+        yield sse_error("Incomplete generation", "incomplete_generation")
+
+
+async def _generate_stream(request: Request, body: GenerateRequest, tenant_id: str, session: Session) -> Response:
+    params, target = await _prepare(body, tenant_id, session)
+    handle = await _submit(get_engine(request.app), body.inputs, params, target)
+    return EventStreamResponse(handle, params.details)
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "one `data: {json}` event per generated token"}
+}
+
+
+@router.post("/generate", response_class=JSONResponse)
+async def generate(body: GenerateRequest, request: Request, tenant: TenantDep, session: SessionDep) -> Response:
+    """TGI's /generate: ``{"generated_text"}``, plus ``details`` when asked for."""
+    return await _generate(request, body, tenant.id, session, as_list=False)
+
+
+@router.post("/generate_stream", response_class=StreamingResponse, responses=_STREAM_RESPONSES)
+async def generate_stream(body: GenerateRequest, request: Request, tenant: TenantDep, session: SessionDep) -> Response:
+    """TGI's /generate_stream: server-sent events, one per token."""
+    return await _generate_stream(request, body, tenant.id, session)
+
+
+@router.post("/", response_class=JSONResponse, responses=_STREAM_RESPONSES)
+async def compat_generate(body: CompatGenerateRequest, request: Request, tenant: TenantDep, session: SessionDep) -> Response:
+    """TGI's compatibility route: the event stream when ``stream`` is true, else a list of one
+    /generate response."""
+    if body.stream:
+        return await _generate_stream(request, body, tenant.id, session)
+    return await _generate(request, body, tenant.id, session, as_list=True)

@@ -1,0 +1,178 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.jobs.queue import enqueue_job
+
+from service.jobs import states
+from service.api.auth import TenantDep, get_owned
+from service.api.deps import CeleryDep, SessionDep, SettingsDep
+from service.api.errors import APIError, invalid, reject_lone_surrogates
+from service.jobs.requests import check_job, request_hash
+from service.jobs.states import Status
+from service.models import Adapter, Job, JobEvent, JobFile
+from service.api.paging import PageDep, page
+from service.api.schemas import JobCreate, JobError, JobEventOut, JobMetrics, JobOut, Page, Progress
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    return get_owned(session, Job, tenant_id, job_id, "job")
+
+
+def job_out(job: Job, adapter_id: str | None) -> JobOut:
+    progress = None
+    if job.step is not None:
+        progress = Progress(
+            step=job.step, total_steps=job.total_steps, loss=job.loss, learning_rate=job.learning_rate,
+            tokens_per_second=job.tokens_per_second, eta_seconds=job.eta_seconds,
+        )
+    error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    return JobOut(
+        id=job.id, status=job.status, base_model=job.base_model, mixture=job.mixture, adapter=job.adapter,
+        training=job.training, cancel_requested=job.cancel_requested, attempt=job.attempt, progress=progress,
+        metrics=job.metrics, adapter_id=adapter_id, error=error, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at,
+    )
+
+
+def _adapter_ids(session: Session, job_ids: list[str]) -> dict[str, str]:
+    rows = session.execute(select(Adapter.job_id, Adapter.id).where(Adapter.job_id.in_(job_ids)))
+    return {job_id: adapter_id for job_id, adapter_id in rows}
+
+
+def _replay(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+    """The job an earlier submission with this key created, if it was the same request."""
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is not None and job.request_hash != digest:
+        raise APIError(
+            422, "idempotency_key_reused", f"{IDEMPOTENCY_HEADER} {key!r} was used for a different request (job {job.id})",
+            field=IDEMPOTENCY_HEADER,
+        )
+    return job
+
+
+@router.post("", status_code=201)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER, min_length=1, max_length=255)] = None,
+) -> JobOut:
+    reject_lone_surrogates(body.model_dump())
+    digest = request_hash(body)
+    if idempotency_key is not None:
+        earlier = _replay(session, tenant.id, idempotency_key, digest)
+        if earlier is not None:
+            response.status_code = 200
+            return job_out(earlier, _adapter_ids(session, [earlier.id]).get(earlier.id))
+
+    checked = check_job(session, settings, tenant.id, body)
+    active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(states.ACTIVE)))
+    if active >= settings.max_active_jobs_per_tenant:
+        raise APIError(429, "too_many_jobs", f"{active} jobs are queued or running; the limit is {settings.max_active_jobs_per_tenant}")
+
+    job = Job(
+        tenant_id=tenant.id,
+        status=Status.QUEUED,
+        base_model=body.base_model,
+        mixture=[item.model_dump(mode="json") for item in body.mixture],
+        adapter=checked.adapter,
+        training=body.training.model_dump(mode="json"),
+        queue=settings.queue_for(body.training.device),
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+    )
+    session.add(job)
+    try:
+        session.flush()
+        session.add_all(JobFile(job_id=job.id, file_id=file_id, tenant_id=tenant.id) for file_id in checked.file_ids)
+        states.add_event(session, job, "created", {"queue": job.queue})
+        session.commit()
+    except IntegrityError:
+        # Either a concurrent submission with the same key won the insert (answer with its
+        # job), or a file of the mixture was deleted meanwhile.
+        session.rollback()
+        earlier = _replay(session, tenant.id, idempotency_key, digest) if idempotency_key else None
+        if earlier is None:
+            raise APIError(409, "conflict", "a file of the mixture was deleted during submission; check the files and submit again") from None
+        response.status_code = 200
+        return job_out(earlier, None)
+    enqueue_job(celery, job.id, job.queue)
+    return job_out(job, None)
+
+
+@router.get("")
+def list_jobs(
+    tenant: TenantDep,
+    session: SessionDep,
+    params: PageDep,
+    status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
+) -> Page[JobOut]:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    rows, cursor = page(session, query, Job.id, params)
+    adapters = _adapter_ids(session, [job.id for job in rows])
+    return Page(data=[job_out(job, adapters.get(job.id)) for job in rows], next_cursor=cursor)
+
+
+@router.get("/{job_id}")
+def read_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
+    job = get_job(session, tenant.id, job_id)
+    return job_out(job, _adapter_ids(session, [job.id]).get(job.id))
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
+    job = get_job(session, tenant.id, job_id)
+    try:
+        states.cancel(session, job)
+    except states.InvalidTransition as err:
+        raise APIError(409, "invalid_transition", str(err)) from None
+    session.refresh(job)
+    return job_out(job, _adapter_ids(session, [job.id]).get(job.id))
+
+
+@router.get("/{job_id}/events")
+def list_events(
+    job_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="id of the last event seen (event ids are 32-bit)")] = None,
+    limit: Annotated[int, Query(ge=1)] = 100,
+) -> Page[JobEventOut]:
+    if limit > settings.page_size_max:
+        raise invalid("limit", f"limit: must be at most {settings.page_size_max}")
+    get_job(session, tenant.id, job_id)
+    query = select(JobEvent).where(JobEvent.tenant_id == tenant.id, JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    # Oldest first: a client follows a job by passing the last id it has seen.
+    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(data=[JobEventOut.model_validate(row) for row in rows], next_cursor=str(rows[-1].id) if more else None)
+
+
+@router.get("/{job_id}/metrics")
+def job_metrics(job_id: str, tenant: TenantDep, session: SessionDep) -> JobMetrics:
+    job = get_job(session, tenant.id, job_id)
+    if job.metrics is not None:
+        return JobMetrics(job_id=job.id, status=job.status, final=True, train_loss=job.metrics.get("train_loss", []), metrics=job.metrics)
+    # Until the job has its final metrics, the curve is what progress events recorded.
+    events = session.scalars(
+        select(JobEvent).where(JobEvent.tenant_id == tenant.id, JobEvent.job_id == job.id, JobEvent.kind == "progress").order_by(JobEvent.id)
+    )
+    curve = [{"step": e.data["step"], "loss": e.data["loss"]} for e in events if e.data.get("loss") is not None]
+    return JobMetrics(job_id=job.id, status=job.status, final=False, train_loss=curve, metrics=None)

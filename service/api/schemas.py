@@ -1,0 +1,167 @@
+"""Request and response bodies of the HTTP API (apart from the database models)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlora.train.config import MixtureEntry, TrainingSettings
+
+T = TypeVar("T")
+
+# The weight and task rules are the trainer's own (MixtureEntry); only the source differs.
+_ENTRY = MixtureEntry.model_fields
+
+
+class Page(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    next_cursor: str | None = Field(None, description="pass as ?after= for the next page")
+
+
+class FileOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["file"] = "file"
+    filename: str
+    bytes: int
+    sha256: str
+    format: str
+    records: int
+    tasks: dict[str, int]
+    shapes: dict[str, int]
+    created_at: datetime
+
+
+class MixtureItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    file_id: str = Field(min_length=1)
+    weight: float = _ENTRY["weight"]
+    task: str = _ENTRY["task"]
+    validation_file_id: str | None = Field(None, description="held-out set; otherwise training.validation_share of the file")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    base_model: str = Field(min_length=1, max_length=255)
+    mixture: list[MixtureItem] = Field(min_length=1, max_length=64)
+    adapter: dict[str, Any] = Field(default_factory=dict, description="AdapterConfig settings")
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+
+class Progress(BaseModel):
+    step: int | None
+    total_steps: int | None
+    loss: float | None
+    learning_rate: float | None
+    tokens_per_second: float | None
+    eta_seconds: float | None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: str
+    base_model: str
+    mixture: list[dict[str, Any]]
+    adapter: dict[str, Any]
+    training: dict[str, Any]
+    cancel_requested: bool
+    attempt: int
+    progress: Progress | None
+    metrics: dict[str, Any] | None
+    adapter_id: str | None
+    error: JobError | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    object: Literal["job.event"] = "job.event"
+    kind: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class JobMetrics(BaseModel):
+    job_id: str
+    status: str
+    final: bool = Field(description="true once the job succeeded and these are its recorded metrics")
+    train_loss: list[dict[str, Any]]
+    metrics: dict[str, Any] | None
+
+
+class AdapterOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["adapter"] = "adapter"
+    job_id: str
+    base_model: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    head_similarity: dict[str, Any] | None
+    routing: dict[str, Any] | None
+    eval: dict[str, Any] | None
+    created_at: datetime
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="machine-readable, e.g. invalid_request, not_found, unauthorized")
+    message: str = Field(description="what is wrong, naming the field when there is one")
+    field: str | None = Field(None, description="where: a body path such as mixture[0].weight, a query parameter or a header")
+    details: list[dict[str, Any]] | None = Field(None, description="every problem found, when there are several")
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape of every failure."""
+
+    error: ErrorInfo
+
+
+_ERROR_DESCRIPTIONS = {
+    401: "Missing or invalid API key",
+    404: "No such object (or it belongs to another tenant)",
+    409: "Conflict with the object's current state",
+    410: "The object's files are gone",
+    413: "Request body too large",
+    415: "The body is not sent as JSON",
+    422: "Invalid request (a body that is not valid JSON included): the field is named",
+    429: "Too many requests or active jobs",
+    503: "Temporarily unavailable",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all in the one error shape."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
+
