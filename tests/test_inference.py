@@ -16,7 +16,6 @@ from rlora import AdapterConfig, AdapterMismatchError
 from rlora.adapter import routing_summary
 from rlora.serve import (
     EngineOverloaded,
-    GenerationParams,
     GenerationValidationError,
     InferenceEngine,
     Limits,
@@ -261,8 +260,6 @@ def test_details_prefill_full_text_and_truncate(engine, model_dir, adapter_paths
         logprobs = torch.log_softmax(reference(torch.tensor([prompt("Hello")])).logits[0], -1)
     expected = [float(logprobs[i, t]) for i, t in enumerate(prompt("Hello")[1:])]
     assert [t.logprob for t in result.prefill[1:]] == pytest.approx(expected, abs=1e-4)
-    body = result.to_dict(details=True)
-    assert set(body["details"]) >= {"finish_reason", "generated_tokens", "prompt_tokens", "seed", "prefill", "tokens", "routing"}
     # truncate keeps bos and the last tokens.
     truncated = engine.generate("0123456789", {"max_new_tokens": 2, "truncate": 4, "decoder_input_details": True, "details": True}, adapter_id="rl")
     assert [t.id for t in truncated.prefill] == [BOS] + list(b"789")
@@ -322,21 +319,6 @@ def test_limits_and_bad_parameters_raise_validation_errors(workdir, model_dir):
     with InferenceEngine(cache_dir=workdir / "cache", device="cpu", limits=Limits(max_queue=0)) as full:
         with pytest.raises(EngineOverloaded):
             full.submit("x", {"max_new_tokens": 1}, base_model="tiny")
-
-
-def test_from_tgi_accepts_defaults_and_refuses_unsupported_features():
-    tgi_defaults = {"best_of": None, "decoder_input_details": False, "details": True, "do_sample": False,
-                    "max_new_tokens": 20, "repetition_penalty": None, "return_full_text": False, "seed": None,
-                    "stop": [], "temperature": None, "top_k": None, "top_n_tokens": None, "top_p": None,
-                    "truncate": None, "typical_p": None, "watermark": False, "adapter_id": "x",
-                    "adapter_source": "local", "merged_adapters": None, "response_format": None, "api_token": None}
-    params = GenerationParams.from_tgi(tgi_defaults)
-    assert params.max_new_tokens == 20 and params.details and not params.sampling
-    for name, value in [("best_of", 2), ("watermark", True), ("merged_adapters", {"ids": ["a"]}), ("typical_p", 0.5)]:
-        with pytest.raises(GenerationValidationError) as info:
-            GenerationParams.from_tgi({**tgi_defaults, name: value})
-        assert info.value.field == name
-    assert GenerationParams.from_tgi({"temperature": 0.7}).sampling  # TGI: a warper turns sampling on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +391,7 @@ def test_async_stream_adds_up_and_cancel_frees_the_row(engine):
         assert final.final and all(not e.final for e in events[:-1]) and len(events) == 10
         assert final.generated_text == final.result.generated_text
         assert "".join(e.token.text for e in events if not e.token.special) == final.generated_text
-        assert final.to_tgi_dict(details=True)["details"]["finish_reason"] == "length"
+        assert final.result.finish_reason == "length"
         result = await engine.agenerate("stream me", {"max_new_tokens": 10, "ignore_eos_token": True}, adapter_id="rl")
         assert result.generated_text == final.generated_text
 

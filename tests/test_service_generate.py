@@ -21,10 +21,11 @@ from transformers import AutoModelForCausalLM
 
 import rlora
 from rlora import AdapterConfig
-from rlora.serve import GenerationParams
+from rlora.serve import GenerationParams, GenerationValidationError
 from service.api.app import create_app
 from service.api.auth import create_tenant
 from service.api.inference import current_engine, get_engine
+from service.api.tgi import GenerateParameters, generate_response, stream_event
 from service.models import Adapter, Job
 
 MAX_NEW_TOKENS = 300  # the server's limit (RLORA_MAX_NEW_TOKENS) in these tests
@@ -292,6 +293,30 @@ def test_full_tgi_and_lorax_client_bodies_with_defaults_are_accepted(client, own
     local = {**lorax, "parameters": {**lorax["parameters"], "adapter_source": "local"}}
     assert client.post("/generate", headers=headers, json=local).json()["generated_text"] == expected  # an id, whatever the source
     assert client.post("/generate", headers=headers, json={"inputs": PROMPT}).status_code == 200  # no parameters at all
+
+
+def test_tgi_parameters_accept_defaults_and_refuse_unsupported_features():
+    tgi_defaults = {"best_of": None, "decoder_input_details": False, "details": True, "do_sample": False,
+                    "max_new_tokens": 20, "repetition_penalty": None, "return_full_text": False, "seed": None,
+                    "stop": [], "temperature": None, "top_k": None, "top_n_tokens": None, "top_p": None,
+                    "truncate": None, "typical_p": None, "watermark": False, "adapter_id": "x",
+                    "adapter_source": "local", "merged_adapters": None, "response_format": None, "api_token": None}
+    params = GenerateParameters(**tgi_defaults).generation_params()
+    assert params.max_new_tokens == 20 and params.details and not params.sampling
+    for name, value in [("best_of", 2), ("watermark", True), ("merged_adapters", {"ids": ["a"]}), ("typical_p", 0.5)]:
+        with pytest.raises(GenerationValidationError) as info:
+            GenerateParameters(**{**tgi_defaults, name: value}).generation_params()
+        assert info.value.field == name
+    assert GenerateParameters(temperature=0.7).generation_params().sampling  # TGI: a warper turns sampling on
+
+
+def test_tgi_bodies_of_a_result_and_of_the_last_stream_event(app):
+    params = GenerationParams(max_new_tokens=3, details=True, decoder_input_details=True)
+    result = get_engine(app).generate(PROMPT, params, base_model="tiny")
+    body = generate_response(result, details=True)
+    assert set(body["details"]) >= {"finish_reason", "generated_tokens", "prompt_tokens", "seed", "prefill", "tokens", "routing"}
+    final = list(get_engine(app).submit(PROMPT, params, base_model="tiny").events(timeout=30))[-1]
+    assert stream_event(final, details=True)["details"]["finish_reason"] == "length"
 
 
 BAD_PARAMETERS = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -59,24 +59,39 @@ class RoutingRecorder:
             if self.token_mask.numel() != flat.shape[0]:
                 raise ValueError(f"token_mask has {self.token_mask.numel()} entries for {flat.shape[0]} routed tokens")
             flat = flat[self.token_mask.reshape(-1).to(flat.device)]
-        entropy = -(flat * flat.clamp_min(1e-12).log()).sum(-1)
+        entropy = routing_entropy(flat)
         self._weight_sums[layer] = self._weight_sums.get(layer, 0) + flat.sum(0)
         self._entropy_sums[layer] = self._entropy_sums.get(layer, 0.0) + float(entropy.sum())
         self._tokens[layer] = self._tokens.get(layer, 0) + flat.shape[0]
 
     def summary(self, names: dict[RLoRALinear, str]) -> dict:
-        """Per layer: mean weight of each head and mean routing entropy (nats; max ln N)."""
-        per_layer = {}
-        for layer, count in self._tokens.items():
-            if count:
-                per_layer[names[layer]] = {
-                    "mean_weight": [round(float(v), 6) for v in self._weight_sums[layer] / count],
-                    "entropy": self._entropy_sums[layer] / count,
-                    "max_entropy": math.log(layer.heads),
-                    "tokens": count,
-                }
-        mean_entropy = sum(v["entropy"] for v in per_layer.values()) / len(per_layer) if per_layer else None
-        return {"per_layer": per_layer, "mean_entropy": mean_entropy}
+        """`summarize_routing` of what was recorded, layers named by ``names``."""
+        return summarize_routing(
+            {names[layer]: (self._weight_sums[layer], self._entropy_sums[layer], count) for layer, count in self._tokens.items()}
+        )
+
+
+def routing_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """The entropy (nats) of each token's head weights ``(..., N)``: shape ``(...)``."""
+    return -(weights * weights.clamp_min(1e-12).log()).sum(-1)
+
+
+def summarize_routing(totals: Mapping[str, tuple[torch.Tensor, float, int]]) -> dict:
+    """The routing report from per-layer totals ``name -> (head weight sums (N,), entropy sum,
+    tokens)``: per layer the mean weight of each head and the mean routing entropy (nats; at
+    most ``max_entropy`` = ln N), and the mean entropy over layers. Layers without tokens are
+    left out; ``mean_entropy`` is None when no layer is left."""
+    per_layer = {}
+    for name, (weight_sums, entropy_sum, count) in totals.items():
+        if count:
+            per_layer[name] = {
+                "mean_weight": [round(float(v), 6) for v in weight_sums / count],
+                "entropy": entropy_sum / count,
+                "max_entropy": math.log(weight_sums.shape[0]),
+                "tokens": count,
+            }
+    mean_entropy = sum(v["entropy"] for v in per_layer.values()) / len(per_layer) if per_layer else None
+    return {"per_layer": per_layer, "mean_entropy": mean_entropy}
 
 
 @contextmanager

@@ -66,6 +66,21 @@ def with_bos(tokenizer: Any, ids: Sequence[int]) -> list[int]:
     return [bos, *ids]
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both (len(rows), longest row) int64 on ``device``: each
+    row right-aligned after ``pad_id`` padding, mask 1 on its tokens. Decoder-only generation
+    pads on the left, so that every row's next token follows its last real one."""
+    if not rows:
+        raise ValueError("cannot pad an empty batch")
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, width - len(row) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 def _bos_count(tokenizer: Any, ids: Sequence[int]) -> int:
     """1 when ``ids`` starts with bos: truncation keeps it, as the model always saw it first."""
     return int(bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id)

@@ -1,21 +1,31 @@
 """Serving trained adapters: one copy of each base model, many adapters batched together.
 
-No HTTP here: `InferenceEngine` is what the service's routes call (see `engine` for the
-threading model). How a FastAPI route uses it::
+No HTTP here: `InferenceEngine` is what the service's routes call; the TGI wire format is the
+service's (``service/api/tgi.py``). The modules, in the order a request meets them:
 
-    engine = InferenceEngine(models_dir=settings.models_dir, cache_dir=home / "models",
+    engine        InferenceEngine: base models by name, the adapter cache, submit/evict/close
+    params        GenerationParams (value checks against Limits), GenerationResult, StreamEvent
+    handle        RequestHandle (threads and asyncio), RequestCancelled/EngineOverloaded/EngineClosed
+    scheduler     BaseModelRunner: one base model's decode loop (admission, prefill, decode steps)
+    request       one running request: its tokens, text, stop checks and result
+    batch         the running batch's rows, KV cache and masks
+    multi_linear  MultiAdapterLinear and the per-batch layer plans (routing recorded there)
+    sampling      choosing tokens (transformers' logits processors), per-request seeded
+    detokenize    incremental detokenisation
+    stopping      eos, length and stop sequences
+    adapters      adapter folders packed for serving, the byte-bounded LRU cache
+
+How a route uses it::
+
+    engine = InferenceEngine(cache_dir=settings.cache_dir, models_dir=settings.models_dir,
                              adapter_cache_bytes=2 << 30)          # one per process
-    params = GenerationParams.from_tgi(body.parameters)           # 422 on GenerationValidationError
-    handle = await engine.asubmit(body.inputs, params, adapter_id=adapter.id,
+    params = GenerationParams(max_new_tokens=64, details=True)    # GenerationValidationError: 422
+    handle = await engine.asubmit(inputs, params, adapter_id=adapter.id,
                                   adapter_path=adapter.path, base_model=adapter.base_model)
-    # POST /generate
     result = await handle.aresult()          # the task being cancelled (client gone) cancels it
-    return result.to_dict(details=params.details)
-    # POST /generate_stream
-    async for event in handle.stream():      # leaving early / disconnect cancels the request
-        yield f"data:{json.dumps(event.to_tgi_dict(details=params.details))}\n\n"
-    # adapter deleted
-    engine.evict(adapter_id)
+    async for event in handle.stream():      # or token by token; leaving early cancels it
+        ...
+    engine.evict(adapter_id)                 # adapter deleted
 
 Errors: `GenerationValidationError` (a ValueError with ``.field``) -> 422;
 `rlora.basemodels.UnknownBaseModel` (LookupError), FileNotFoundError (no adapter folder) and
@@ -24,17 +34,12 @@ KeyError (adapter not loaded, no path) -> 404; `rlora.AdapterMismatchError` -> 4
 a request that was cancelled.
 """
 
-from .adapters import AdapterCache, AdapterTooLarge, LoadedAdapter, PackedLayer, load_adapter, pack_layer, pack_rlora_layer
-from .engine import (
-    BaseModelRunner,
-    EngineClosed,
-    EngineOverloaded,
-    InferenceEngine,
-    RequestCancelled,
-    RequestHandle,
-)
+from .adapters import AdapterCache, AdapterTooLarge, LoadedAdapter, PackedLayer, load_adapter, pack_layer
+from .engine import InferenceEngine
+from .handle import EngineClosed, EngineOverloaded, RequestCancelled, RequestHandle
 from .multi_linear import MultiAdapterLinear
 from .params import GenerationParams, GenerationResult, GenerationValidationError, Limits, StreamEvent, Token
+from .scheduler import BaseModelRunner
 
 __all__ = [
     "AdapterCache",
@@ -56,5 +61,4 @@ __all__ = [
     "Token",
     "load_adapter",
     "pack_layer",
-    "pack_rlora_layer",
 ]

@@ -18,7 +18,6 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors.torch import load_file
@@ -77,17 +76,6 @@ def pack_layer(
         reads=torch.cat(reads).contiguous(),
         writes=writes.to(out_dtype or writes.dtype).contiguous(),
     )
-
-
-def pack_rlora_layer(layer, out_dtype: torch.dtype | None = None) -> PackedLayer:
-    """`pack_layer` of an attached `RLoRALinear`."""
-    with torch.no_grad():
-        return pack_layer(
-            layer.lora_A.detach(), layer.lora_B.detach(),
-            None if layer.router is None else layer.router.detach(),
-            layer.lora_A0, layer.lora_B0, layer.scaling,
-            out_dtype or layer.base_layer.weight.dtype,
-        )
 
 
 @dataclass
@@ -208,13 +196,6 @@ class AdapterCache:
         with self._lock:
             return self._remove(adapter_id)
 
-    def evict_where(self, predicate) -> list[str]:
-        with self._lock:
-            ids = [k for k, v in self._entries.items() if predicate(v)]
-            for k in ids:
-                self._remove(k)
-            return ids
-
     def _remove(self, adapter_id: str) -> bool:
         adapter = self._entries.pop(adapter_id, None)
         if adapter is None:
@@ -236,7 +217,3 @@ class AdapterCache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def values(self) -> Iterable[LoadedAdapter]:
-        with self._lock:
-            return list(self._entries.values())

@@ -1,9 +1,9 @@
 """`MultiAdapterLinear`: one frozen base linear serving a batch whose rows use different adapters.
 
-The engine wraps every linear layer of a served base model once. Before a forward pass it sets
-each wrapper's `LayerPlan` (when the batch's composition changes, not every step): the adapters
-of the batch's rows, padded to common (rank, heads, correction rank) and gathered per row. The
-forward is then, for any mix of adapters, two batched matmuls around the base matmul:
+The engine wraps every linear layer of a served base model once. Before a forward pass,
+`BatchPlans` sets each wrapper's `LayerPlan` (when the batch's composition changes, not every
+step): the adapters of the batch's rows, padded to common (rank, heads, correction rank) and
+gathered per row. The forward is then, for any mix of adapters, two batched matmuls around the base matmul:
 
     z = bmm(x, reads_row^T)                 # (B, T, R + N + R0)
     H = softmax(z_router + bias_row) * h    # padded heads get bias -inf: weight exactly 0
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import PackedLayer
+from ..adapter.diagnostics import routing_entropy
+from .adapters import LoadedAdapter, PackedLayer
 
 
 class ForwardContext:
@@ -108,7 +109,7 @@ class MultiAdapterLinear(nn.Module):
     def _record(self, plan: LayerPlan, weights: torch.Tensor) -> None:
         mask = self.context.token_mask
         mask = torch.ones(weights.shape[:2], device=weights.device) if mask is None else mask.to(weights.device, torch.float32)
-        entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)  # (B, T)
+        entropy = routing_entropy(weights)  # (B, T)
         plan.weight_sums += (weights * mask.unsqueeze(-1)).sum(1)
         plan.entropy_sums += (entropy * mask).sum(1)
         plan.token_counts += mask.sum(1)
@@ -197,3 +198,79 @@ def wrap_linears(model: nn.Module, context: ForwardContext) -> dict[str, MultiAd
 
 
 __all__ = ["ForwardContext", "LayerPlan", "MultiAdapterLinear", "build_plan", "wrap_linears"]
+
+
+class BatchPlans:
+    """The plans of every wrapped layer of one base model for the rows of a batch, and the
+    routing those plans record, moved into the rows.
+
+    A row has ``adapter`` (a `LoadedAdapter` or None) and ``wants_routing``; a row that wants
+    routing also has ``routing``, its totals per layer path: ``[head weight sums, entropy sum,
+    tokens]`` (what `rlora.adapter.diagnostics.summarize_routing` reports on)."""
+
+    def __init__(self, layers: dict[str, MultiAdapterLinear], linear_shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype):
+        self.layers = layers
+        self.linear_shapes = linear_shapes
+        self.device = device
+        self.dtype = dtype
+        self._rows: list | None = None  # the rows the plans were built for
+
+    def set(self, rows: list) -> None:
+        """Build every layer's plan for ``rows`` (a no-op when already built for them)."""
+        if self._rows is not None and len(self._rows) == len(rows) and all(a is b for a, b in zip(self._rows, rows)):
+            return
+        self.flush_routing()
+        self._rows = list(rows)
+        adapters = [row.adapter for row in rows]
+        if not rows or all(a is None for a in adapters):
+            for layer in self.layers.values():
+                layer.plan = None
+            return
+        slots: list[LoadedAdapter | None] = []  # the batch's distinct adapters
+        row_slots = []
+        for adapter in adapters:
+            for index, known in enumerate(slots):
+                if known is adapter:
+                    break
+            else:
+                index = len(slots)
+                slots.append(adapter)
+            row_slots.append(index)
+        record = any(row.wants_routing for row in rows)
+        for path, layer in self.layers.items():
+            slot_layers = [None if a is None else a.layers.get(path) for a in slots]
+            layer.plan = build_plan(
+                path, slot_layers, row_slots, self.linear_shapes[path], self.device,
+                reads_dtype=_reads_dtype(slot_layers), writes_dtype=self.dtype, record_routing=record,
+            )
+
+    def flush_routing(self) -> None:
+        """Move the routing sums of the current plans into their rows."""
+        rows = self._rows
+        if not rows or not any(row.wants_routing for row in rows):
+            return
+        for path, layer in self.layers.items():
+            plan = layer.plan
+            if plan is None or plan.weight_sums is None:
+                continue
+            sums, entropy, counts = plan.weight_sums.cpu(), plan.entropy_sums.cpu(), plan.token_counts.cpu()
+            for i, row in enumerate(rows):
+                if not row.wants_routing:
+                    continue
+                packed = row.adapter.layers.get(path)
+                if packed is None or not packed.has_router or counts[i] == 0:
+                    continue
+                totals = row.routing.setdefault(path, [torch.zeros(packed.heads), 0.0, 0])
+                totals[0] += sums[i, : packed.heads]
+                totals[1] += float(entropy[i])
+                totals[2] += int(counts[i])
+            plan.weight_sums.zero_()
+            plan.entropy_sums.zero_()
+            plan.token_counts.zero_()
+
+
+def _reads_dtype(slot_layers: list[PackedLayer | None]) -> torch.dtype:
+    for layer in slot_layers:
+        if layer is not None:
+            return layer.reads.dtype
+    return torch.float32

@@ -1,9 +1,10 @@
-"""Per-request generation parameters, engine limits, and the validation error the HTTP layer
-maps to 422.
+"""Per-request generation parameters, engine limits, what a request gives back, and the
+validation error the HTTP layer maps to 422.
 
 Field names and semantics follow text-generation-inference (TGI): sampling is on when
 ``do_sample`` is true *or* any warper is set (``temperature`` != 1, ``top_k``, ``top_p`` < 1),
-as TGI's ``NextTokenChooser`` does; the stop text is kept in ``generated_text``.
+as TGI's ``NextTokenChooser`` does; the stop text is kept in ``generated_text``. Values are
+checked here, types are not: the caller's schema checks those (the service's request models).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 MAX_SEED = 2**64 - 1
 
@@ -98,26 +99,10 @@ class GenerationParams:
         )
 
     def _validate(self) -> None:
-        def number(name, value):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise GenerationValidationError(name, f"`{name}` must be a number, got {value!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
             if value is not None and not _finite(value):
                 raise GenerationValidationError(name, f"`{name}` must be a finite number, got {value!r}")
-
-        def integer(name, value):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise GenerationValidationError(name, f"`{name}` must be an integer, got {value!r}")
-
-        def boolean(name, value):
-            if not isinstance(value, bool):
-                raise GenerationValidationError(name, f"`{name}` must be true or false, got {value!r}")
-
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            number(name, getattr(self, name))
-        for name in ("max_new_tokens", "top_k", "seed", "truncate"):
-            integer(name, getattr(self, name))
-        for name in ("do_sample", "ignore_eos_token", "return_full_text", "details", "decoder_input_details"):
-            boolean(name, getattr(self, name))
         if self.temperature is not None and not self.temperature > 0:
             raise GenerationValidationError("temperature", "`temperature` must be strictly positive")
         if self.top_k is not None and self.top_k <= 0:
@@ -132,7 +117,7 @@ class GenerationParams:
             raise GenerationValidationError("truncate", "`truncate` must be strictly positive")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise GenerationValidationError("seed", f"`seed` must be in 0..{MAX_SEED}")
-        if not all(isinstance(s, str) and s for s in self.stop):
+        if not all(self.stop):
             raise GenerationValidationError("stop", "`stop` must be a list of non-empty strings")
 
     def check_limits(self, limits: Limits) -> None:
@@ -153,46 +138,6 @@ class GenerationParams:
                 "truncate", f"`truncate` must be strictly positive and less than {limits.max_input_tokens + 1}. Given: {self.truncate}"
             )
 
-    # TGI / LoRAX request parameters that select the adapter: the service reads them, not us.
-    ROUTING_FIELDS = frozenset({"adapter_id", "adapter_source", "api_token"})
-
-    @classmethod
-    def from_tgi(cls, parameters: Mapping[str, Any] | None) -> "GenerationParams":
-        """Parameters from a TGI/LoRAX ``parameters`` object.
-
-        Every field those clients send is accepted at its null or default value; a feature we
-        do not support, when actually asked for, raises `GenerationValidationError` (never
-        silently ignored). Routing fields (``adapter_id``, ``adapter_source``, ``api_token``)
-        are the caller's business and skipped here; other unknown keys are ignored, as TGI does.
-        """
-        parameters = dict(parameters or {})
-        unsupported = {
-            "best_of": lambda v: v is not None and v != 1,
-            "watermark": lambda v: bool(v),
-            "typical_p": lambda v: v is not None and v != 1.0,
-            "top_n_tokens": lambda v: v is not None and v != 0,
-            "grammar": lambda v: v is not None,
-            "response_format": lambda v: v is not None,
-            "merged_adapters": lambda v: v is not None,
-            "adapter_parameters": lambda v: v is not None,
-            "frequency_penalty": lambda v: v is not None and v != 0,
-            "presence_penalty": lambda v: v is not None and v != 0,
-        }
-        for name, asked_for in unsupported.items():
-            if name in parameters and asked_for(parameters[name]):
-                raise GenerationValidationError(name, f"`{name}` is not supported by this server (got {parameters[name]!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {}
-        for name in known:
-            if name in parameters and parameters[name] is not None:
-                values[name] = parameters[name]
-        if "stop" in values and not isinstance(values["stop"], (list, tuple, str)):
-            raise GenerationValidationError("stop", "`stop` must be a list of strings")
-        return cls(**values)
-
-    def with_seed(self, seed: int) -> "GenerationParams":
-        return dataclasses.replace(self, seed=seed)
-
 
 @dataclass(frozen=True)
 class Token:
@@ -203,17 +148,12 @@ class Token:
     logprob: float | None
     special: bool
 
-    def to_dict(self) -> dict:
-        return {"id": self.id, "text": self.text, "logprob": self.logprob, "special": self.special}
-
-
-FINISH_REASONS = ("length", "eos_token", "stop_sequence")
-
 
 @dataclass
 class GenerationResult:
     """The outcome of one request, with everything TGI's ``details`` holds, plus ``routing``
-    (mean head weight per adapted layer over the request's tokens; None without a router)."""
+    (`rlora.adapter.diagnostics.summarize_routing` of the request's tokens, with ``details``;
+    None without a router). ``finish_reason``: ``length``, ``eos_token`` or ``stop_sequence``."""
 
     generated_text: str
     finish_reason: str
@@ -224,26 +164,6 @@ class GenerationResult:
     prefill: list[Token] = field(default_factory=list)
     routing: dict | None = None
     adapter_id: str | None = None
-
-    def details_dict(self) -> dict:
-        """TGI's ``details`` object (``prefill`` empty unless ``decoder_input_details`` was
-        asked for), plus ``prompt_tokens`` and ``routing``."""
-        return {
-            "finish_reason": self.finish_reason,
-            "generated_tokens": self.generated_tokens,
-            "prompt_tokens": self.prompt_tokens,
-            "seed": self.seed,
-            "prefill": [t.to_dict() for t in self.prefill],
-            "tokens": [t.to_dict() for t in self.tokens],
-            "routing": self.routing,
-        }
-
-    def to_dict(self, *, details: bool) -> dict:
-        """TGI's ``/generate`` response body."""
-        body: dict[str, Any] = {"generated_text": self.generated_text}
-        if details:
-            body["details"] = self.details_dict()
-        return body
 
 
 @dataclass(frozen=True)
@@ -260,23 +180,6 @@ class StreamEvent:
     def final(self) -> bool:
         return self.result is not None
 
-    def to_tgi_dict(self, *, details: bool) -> dict:
-        body: dict[str, Any] = {
-            "index": self.index,
-            "token": self.token.to_dict(),
-            "generated_text": self.generated_text,
-            "details": None,
-        }
-        if self.result is not None and details:
-            body["details"] = {
-                "finish_reason": self.result.finish_reason,
-                "generated_tokens": self.result.generated_tokens,
-                "input_length": self.result.prompt_tokens,
-                "seed": self.result.seed,
-                "routing": self.result.routing,
-            }
-        return body
-
 
 def as_params(params: GenerationParams | Mapping[str, Any] | None) -> GenerationParams:
     if params is None:
@@ -287,9 +190,3 @@ def as_params(params: GenerationParams | Mapping[str, Any] | None) -> Generation
         return GenerationParams(**dict(params))
     except TypeError as err:  # unknown keyword
         raise GenerationValidationError("parameters", str(err)) from None
-
-
-def stop_list(stop: Sequence[str] | str | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)

@@ -1,23 +1,46 @@
-"""The text-generation-inference (TGI) wire format, as LoRAX speaks it: request schemas and the
-server-sent event encoding of /generate_stream.
+"""The text-generation-inference (TGI) wire format, as LoRAX speaks it, in one place: the request
+schemas, their conversion to the engine's `GenerationParams`, the response bodies and stream
+events made of its results, and the server-sent event framing of /generate_stream.
 
 TGI and LoRAX clients send every field of their request schema, most as null or at their
-defaults, so every field name of both is declared here and accepted at null or its default.
-The types are checked here (a 422 names the field, e.g. ``parameters.max_new_tokens``); the
-values, and whether an unsupported feature is actually asked for, are checked by
-`rlora.serve.GenerationParams.from_tgi`, which refuses such a feature instead of ignoring
-it. Keys that neither TGI nor LoRAX define are ignored, as TGI does.
+defaults, so every field name of both is declared here and accepted at null or its default; a
+feature this server does not support, when actually asked for, is refused (never silently
+ignored). Keys that neither TGI nor LoRAX define are ignored, as TGI does. The types are checked
+here, by pydantic (a 422 names the field, e.g. ``parameters.max_new_tokens``); the values by
+`GenerationParams` (its `GenerationValidationError` names the field, see `error_field`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
-# The fields the service reads itself to pick the adapter; the rest go to `from_tgi`.
-ROUTING_FIELDS = ("adapter_id", "adapter_source", "api_token")
+from rlora.serve import GenerationParams, GenerationResult, GenerationValidationError, StreamEvent, Token
+
+# The parameters the engine takes; the adapter fields (adapter_id, adapter_source, api_token)
+# the service reads itself to pick the adapter.
+_GENERATION_FIELDS = {field.name for field in dataclasses.fields(GenerationParams)}
+
+# Fields of TGI or LoRAX this server does not support, and when a value asks for them (null and
+# the default ask for nothing).
+_UNSUPPORTED = {
+    "best_of": lambda v: v is not None and v != 1,
+    "watermark": lambda v: bool(v),
+    "typical_p": lambda v: v is not None and v != 1.0,
+    "top_n_tokens": lambda v: v is not None and v != 0,
+    "grammar": lambda v: v is not None,
+    "response_format": lambda v: v is not None,
+    "merged_adapters": lambda v: v is not None,
+    "adapter_parameters": lambda v: v is not None,
+    "frequency_penalty": lambda v: v is not None and v != 0,
+    "presence_penalty": lambda v: v is not None and v != 0,
+    "return_k_alternatives": lambda v: v is not None and v != 0,
+    "apply_chat_template": lambda v: bool(v),
+}
+_UNSUPPORTED_HINTS = {"apply_chat_template": "; send the formatted prompt"}
 
 
 class GenerateParameters(BaseModel):
@@ -59,9 +82,22 @@ class GenerateParameters(BaseModel):
     return_k_alternatives: StrictInt | None = None
     apply_chat_template: StrictBool | None = None
 
-    def generation_fields(self) -> dict[str, Any]:
-        """The fields for `GenerationParams.from_tgi` (nulls dropped: null means default)."""
-        return {k: v for k, v in self.model_dump(exclude=set(ROUTING_FIELDS)).items() if v is not None}
+    def generation_params(self) -> GenerationParams:
+        """The engine's parameters (null means the default). Raises `GenerationValidationError`
+        for an unsupported feature that is asked for, or a value out of range."""
+        for name, asked_for in _UNSUPPORTED.items():
+            value = getattr(self, name)
+            if asked_for(value):
+                raise GenerationValidationError(
+                    name, f"`{name}` is not supported by this server (got {value!r}){_UNSUPPORTED_HINTS.get(name, '')}"
+                )
+        values = self.model_dump(include=_GENERATION_FIELDS)
+        return GenerationParams(**{name: value for name, value in values.items() if value is not None})
+
+
+def error_field(name: str) -> str:
+    """The request field a `GenerationValidationError`'s ``field`` names."""
+    return name if name == "inputs" else f"parameters.{name}"
 
 
 class GenerateRequest(BaseModel):
@@ -88,6 +124,48 @@ class CompatGenerateRequest(GenerateRequest):
     @classmethod
     def _null_stream(cls, value: Any) -> Any:
         return False if value is None else value
+
+
+def _token(token: Token) -> dict:
+    return {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special}
+
+
+def generate_response(result: GenerationResult, *, details: bool) -> dict:
+    """TGI's /generate response body: ``generated_text``, and with ``details`` TGI's details
+    (``prefill`` empty unless ``decoder_input_details`` was asked for) plus ``prompt_tokens``
+    and ``routing``."""
+    body: dict[str, Any] = {"generated_text": result.generated_text}
+    if details:
+        body["details"] = {
+            "finish_reason": result.finish_reason,
+            "generated_tokens": result.generated_tokens,
+            "prompt_tokens": result.prompt_tokens,
+            "seed": result.seed,
+            "prefill": [_token(t) for t in result.prefill],
+            "tokens": [_token(t) for t in result.tokens],
+            "routing": result.routing,
+        }
+    return body
+
+
+def stream_event(event: StreamEvent, *, details: bool) -> dict:
+    """TGI's /generate_stream event: the last one has ``generated_text``, and with ``details``
+    its details (plus ``routing``)."""
+    body: dict[str, Any] = {
+        "index": event.index,
+        "token": _token(event.token),
+        "generated_text": event.generated_text,
+        "details": None,
+    }
+    if event.result is not None and details:
+        body["details"] = {
+            "finish_reason": event.result.finish_reason,
+            "generated_tokens": event.result.generated_tokens,
+            "input_length": event.result.prompt_tokens,
+            "seed": event.result.seed,
+            "routing": event.result.routing,
+        }
+    return body
 
 
 def sse(data: dict) -> bytes:

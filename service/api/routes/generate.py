@@ -52,7 +52,16 @@ from service.api.errors import APIError, invalid, not_found, reject_lone_surroga
 from service.ids import could_exist
 from service.api.inference import get_engine
 from service.models import Adapter
-from service.api.tgi import CompatGenerateRequest, GenerateParameters, GenerateRequest, sse, sse_error
+from service.api.tgi import (
+    CompatGenerateRequest,
+    GenerateParameters,
+    GenerateRequest,
+    error_field,
+    generate_response,
+    sse,
+    sse_error,
+    stream_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,25 +83,15 @@ class Target:
 # --- request preparation ---------------------------------------------------------------------
 
 
-def _param_field(name: str) -> str:
-    return name if name == "inputs" else f"parameters.{name}"
-
-
 def _generation_params(body: GenerateRequest) -> GenerationParams:
     reject_lone_surrogates(body.inputs, "inputs")
     reject_lone_surrogates(body.parameters.model_dump(), "parameters")
     if not body.inputs:
         raise invalid("inputs", "Input validation error: `inputs` cannot be empty")
-    p = body.parameters
-    # LoRAX fields `from_tgi` does not know: refused when asked for, never silently ignored.
-    if p.return_k_alternatives not in (None, 0):
-        raise invalid("parameters.return_k_alternatives", "`return_k_alternatives` is not supported by this server")
-    if p.apply_chat_template:
-        raise invalid("parameters.apply_chat_template", "`apply_chat_template` is not supported by this server; send the formatted prompt")
     try:
-        return GenerationParams.from_tgi(p.generation_fields())
+        return body.parameters.generation_params()
     except GenerationValidationError as err:
-        raise invalid(_param_field(err.field), str(err)) from None
+        raise invalid(error_field(err.field), str(err)) from None
 
 
 def _looks_like_path_or_hub_id(adapter_id: str) -> bool:
@@ -152,7 +151,7 @@ async def _submit(engine: InferenceEngine, inputs: str, params: GenerationParams
     try:
         return await engine.asubmit(inputs, params, **kwargs)
     except GenerationValidationError as err:
-        raise invalid(_param_field(err.field), str(err)) from None
+        raise invalid(error_field(err.field), str(err)) from None
     except AdapterMismatchError as err:
         raise APIError(422, "adapter_mismatch", str(err), field="parameters.adapter_id") from None
     except AdapterTooLarge as err:
@@ -208,7 +207,7 @@ async def _generate(request: Request, body: GenerateRequest, tenant_id: str, ses
     result = await _result_unless_client_gone(request, handle)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    content = result.to_dict(details=params.details)
+    content = generate_response(result, details=params.details)
     return JSONResponse([content] if as_list else content, headers=_generate_headers(result))
 
 
@@ -238,7 +237,7 @@ async def _events(handle: RequestHandle, details: bool) -> AsyncIterator[bytes]:
     try:
         async with contextlib.aclosing(handle.stream()) as stream:
             async for event in stream:
-                yield sse(event.to_tgi_dict(details=details))
+                yield sse(stream_event(event, details=details))
                 finished = event.final
     except EngineClosed as err:
         yield sse_error(str(err), "generation")
