@@ -19,6 +19,9 @@ from .stopping import StopCriteria
 
 @dataclass(eq=False)
 class ActiveRequest:
+    """A request the decode loop holds, from its submission to its end. Touched by the loop's
+    thread only (the caller holds its `handle`)."""
+
     handle: RequestHandle
     params: GenerationParams
     adapter: LoadedAdapter | None
