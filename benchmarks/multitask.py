@@ -191,8 +191,7 @@ def adapter_configs(base_path: Path, args) -> dict[str, dict]:
 def run_one(base_path: Path, mixture: list[dict], adapter: dict, seed: int, args, work_dir: Path) -> dict:
     """Train one adapter; return ``{"eval": {task: {"accuracy", "loss"}}, "head_similarity":
     {"mean"}, "trainable_parameters", "seconds"}`` (the trainer's metrics)."""
-    from rlora.train import train
-    from rlora.train import TrainConfig
+    from rlora.train import TrainConfig, train
 
     config = TrainConfig(
         base_model=str(base_path),
@@ -213,10 +212,10 @@ def run_one(base_path: Path, mixture: list[dict], adapter: dict, seed: int, args
 
 def base_accuracy(base_path: Path, mixture: list[dict], args) -> dict[str, float]:
     """Exact match of the pretrained base model itself (no adapter) on each task."""
-    from rlora.data import MixtureSource, load_dataset
     from rlora.basemodels import load_base_model
-    from rlora.train.loop import evaluate
+    from rlora.data import MixtureSource, load_dataset
     from rlora.train import TrainingSettings
+    from rlora.train.evaluate import evaluate
 
     model, tokenizer = load_base_model(base_path)
     model.eval()

@@ -35,9 +35,14 @@ def list_base_models(models_dir: str | os.PathLike | None) -> list[str]:
     return names
 
 
-def resolve_base_model(name: str, models_dir: str | os.PathLike | None, cache_dir: str | os.PathLike) -> Path:
-    """The folder of base model ``name``; builds ``tiny`` into ``cache_dir`` on first use."""
+def resolve_base_model(
+    name: str, models_dir: str | os.PathLike | None, cache_dir: str | os.PathLike | None
+) -> Path:
+    """The folder of base model ``name``; builds ``tiny`` into ``cache_dir`` on first use, so
+    ``cache_dir`` is needed for ``tiny`` (and only for it)."""
     if name == TINY_MODEL_NAME:
+        if cache_dir is None:
+            raise ValueError(f"base model {TINY_MODEL_NAME!r} is built on first use: give cache_dir, where to build it")
         return build_tiny_model(Path(cache_dir) / TINY_MODEL_NAME)
     if _NAME.match(name) and models_dir and (Path(models_dir) / name / "config.json").is_file():
         return Path(models_dir) / name

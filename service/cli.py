@@ -44,15 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "train":
-        from rlora.train.loop import cli_train
-
-        sys.exit(cli_train(args.config))
     try:
         settings = get_settings()
     except ValidationError as err:
         print(f"error: invalid RLORA_* environment setting:\n{err}", file=sys.stderr)
         return 2
+    if args.command == "train":
+        return _train(settings, args.config)
     if args.command == "serve":
         return _serve(settings, args.host, args.port, with_worker=not args.no_worker)
     if args.command == "worker":
@@ -62,6 +60,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"database at head: {_display_url(settings.database)}")
         return 0
     return _create_tenant(settings, args.name)
+
+
+def _train(settings: Settings, config_path: str) -> int:
+    """``rlora train CONFIG.yaml``: exit 0 when trained, 2 for a bad config, 1 for a failure,
+    130 when interrupted (the same command again resumes from the last checkpoint)."""
+    import json
+
+    from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    from rlora.train import Progress, read_train_config, train
+
+    transformers_logging.disable_progress_bar()  # ours is the one progress bar
+    try:
+        config = read_train_config(config_path)
+        for entry in config.mixture:
+            for file in filter(None, (entry.path, entry.validation_path)):
+                if not os.path.isfile(file):
+                    raise ValueError(f"mixture task {entry.task!r}: no such file {file}")
+    except ValueError as err:
+        print(f"rlora train: {err}", file=sys.stderr)
+        return 2
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(p: Progress) -> None:
+        bar.total = p.total_steps
+        bar.n = p.step
+        bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.learning_rate:.2e}", tok_s=f"{p.tokens_per_second:.0f}", refresh=False)
+        bar.refresh()
+
+    def event(kind: str, data: dict) -> None:
+        if kind == "resumed":
+            bar.write(f"resuming from the checkpoint at step {data['step']}", file=sys.stderr)
+
+    try:
+        metrics = train(config, on_progress=progress, on_event=event,
+                        models_dir=settings.models_dir, cache_dir=settings.cache_dir)
+    except KeyboardInterrupt:
+        bar.close()
+        print("rlora train: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the command's contract: a message and exit 1
+        bar.close()
+        print(f"rlora train: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    bar.close()
+    print(json.dumps({"output_dir": config.output_dir, "steps": metrics["steps"], "eval": metrics["eval"],
+                      "head_similarity": metrics["head_similarity"]["mean"]}, indent=2))
+    return 0
 
 
 def _migrate(settings: Settings) -> None:

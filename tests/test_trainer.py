@@ -1,6 +1,7 @@
 """The trainer: learning, exact resume, cancellation, outputs, and `rlora train`."""
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -9,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlora.train.loop import Progress, TrainingCancelled, cli_train, latest_checkpoint, read_train_config, train
-from rlora.train.config import TrainConfig
+from rlora.train import Progress, TrainConfig, TrainingCancelled, read_train_config, train
+from rlora.train.checkpoint import latest_checkpoint
+from service.cli import main as rlora_command
 
 
 def write_jsonl(path, records):
@@ -80,6 +82,11 @@ def test_outputs_metrics_and_adapter_folder(datasets, tmp_path, tiny_model_path)
     assert [p.step for p in progress] == list(range(1, 13))
     assert all(isinstance(p, Progress) and p.total_steps == 12 and p.learning_rate > 0 for p in progress)
     assert progress[-1].eta_seconds == 0
+    # Linear warmup from the first step (never a step at learning rate 0), then cosine decay to 0.
+    warmup = math.ceil(0.03 * 12)
+    expected = [5e-3 * (s + 1) / (warmup + 1) if s < warmup else 5e-3 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (12 - warmup)))
+                for s in range(12)]
+    assert [p.learning_rate for p in progress] == pytest.approx(expected, rel=1e-9)
     # Checkpoints are complete folders, the oldest pruned, nothing half-written left.
     names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     assert names == ["step-00000008", "step-00000012"]
@@ -89,6 +96,11 @@ def test_outputs_metrics_and_adapter_folder(datasets, tmp_path, tiny_model_path)
     assert len(progress) == 12
     with pytest.raises(ValueError, match="finished run of a different run"):
         run(make_config(datasets, tmp_path / "out", max_steps=20), tiny_model_path)
+
+
+def test_the_built_in_tiny_model_needs_a_cache_dir(datasets, tmp_path):
+    with pytest.raises(ValueError, match="cache_dir"):
+        train(make_config(datasets, tmp_path / "out"))
 
 
 class Crash(Exception):
@@ -181,17 +193,17 @@ def test_read_train_config_reports_every_bad_field(tmp_path):
         read_train_config(tmp_path / "broken.yaml")
 
 
-def test_cli_train_exit_codes(datasets, tmp_path, capsys):
+def test_rlora_train_exit_codes(datasets, tmp_path, capsys):
     (tmp_path / "missing.yaml").write_text(
         "base_model: tiny\nmixture: [{path: nowhere.jsonl, task: qa}]\noutput_dir: out\n"
     )
-    assert cli_train(str(tmp_path / "missing.yaml")) == 2
+    assert rlora_command(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
     (tmp_path / "unknown.yaml").write_text(
         f"base_model: no-such-model\nmixture: [{{path: {datasets['reverse']}, task: qa}}]\n"
         "training: {max_steps: 1}\noutput_dir: out\n"
     )
-    assert cli_train(str(tmp_path / "unknown.yaml")) == 1
+    assert rlora_command(["train", str(tmp_path / "unknown.yaml")]) == 1
     assert "unknown base model 'no-such-model'" in capsys.readouterr().err
 
 

@@ -3,12 +3,22 @@ and tokenization with answer-only labels (`tokenize`). Nothing here knows about 
 or the database."""
 
 from .mixture import MixtureSampler, MixtureSource, split_validation, steps_for_epochs
-from .records import IGNORE_INDEX, DatasetValidationError, Example, RecordError, load_dataset, validate_dataset
+from .records import (
+    IGNORE_INDEX,
+    DatasetSummary,
+    DatasetValidationError,
+    Example,
+    RecordError,
+    load_dataset,
+    lone_surrogate,
+    validate_dataset,
+)
 from .tokenize import Collator, encode_example, prompt_ids, with_bos
 
 __all__ = [
     "IGNORE_INDEX",
     "Collator",
+    "DatasetSummary",
     "DatasetValidationError",
     "Example",
     "MixtureSampler",
@@ -16,6 +26,7 @@ __all__ = [
     "RecordError",
     "encode_example",
     "load_dataset",
+    "lone_surrogate",
     "prompt_ids",
     "split_validation",
     "steps_for_epochs",

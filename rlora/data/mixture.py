@@ -1,4 +1,6 @@
-"""The task mixture: a seeded, resumable stream of ``(task, Example)`` following the weights."""
+"""The task mixture: its sources (`MixtureSource`), each one's held-out validation set
+(`split_validation`), a run's length in epochs (`steps_for_epochs`), and `MixtureSampler`, a
+seeded, resumable stream of ``(task, Example)`` following the weights."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .records import Example
-
 
 
 @dataclass

@@ -4,6 +4,7 @@
 shapes of docs/design.md section 3 and normalise every record to an ``Example``. The validator
 collects every problem it finds (with line or element number and field) instead of stopping
 at the first, because the service shows the list to the user who uploaded the file.
+`lone_surrogate` is the check for text that is no Unicode (the API applies it to request bodies).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO
 
 SHAPES = ("prompt_completion", "alpaca", "chat")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -31,7 +32,6 @@ _SHAPE_MARKERS = {
     "alpaca": ("instruction", "output"),
     "chat": ("messages",),
 }
-
 
 
 @dataclass(frozen=True)
@@ -384,15 +384,17 @@ def _string(
     if non_empty and not value.strip():
         problems.append((prefix + name, "must be a non-empty string"))
         return None
-    surrogate = _lone_surrogate(value)
+    surrogate = lone_surrogate(value)
     if surrogate is not None:
         problems.append((prefix + name, f"contains an unpaired surrogate \\u{ord(value[surrogate]):04x} (character {surrogate + 1}): not valid Unicode text"))
         return None
     return value
 
 
-def _lone_surrogate(text: str) -> int | None:
-    """Where ``text`` has a lone UTF-16 surrogate (JSON's ``"\\ud800"`` parses to one), or None."""
+def lone_surrogate(text: str) -> int | None:
+    """Where ``text`` has a lone UTF-16 surrogate (JSON's ``"\\ud800"`` parses to one), or None.
+
+    Such a string is no Unicode text: it cannot be encoded, tokenized, stored or sent back."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -421,8 +423,3 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "array"
     return "object"
-
-
-# --------------------------------------------------------------------------------------------
-# 2. Mixture
-# --------------------------------------------------------------------------------------------

@@ -1,16 +1,20 @@
 """What a training run is: base model, dataset mixture, adapter and training settings.
 
 These pydantic models are the one definition of a job's fields. ``rlora train CONFIG.yaml``
-reads them from YAML (mixture entries with a local ``path``); the service validates the body
-of ``POST /v1/jobs`` with the same ``TrainingSettings`` and maps its ``file_id`` entries to
-paths before it calls the trainer.
+reads them from YAML with `read_train_config` (mixture entries with a local ``path``); the
+service validates the body of ``POST /v1/jobs`` with the same ``TrainingSettings`` and maps its
+``file_id`` entries to paths before it calls the trainer. `field_path` names a field in the
+errors of either.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..adapter.config import AdapterConfig, AdapterConfigError
 
@@ -90,3 +94,43 @@ class TrainConfig(BaseModel):
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig.from_dict(self.adapter)
 
+
+
+def read_train_config(path: str | os.PathLike) -> TrainConfig:
+    """A `TrainConfig` from YAML; relative paths in it are relative to the YAML file's folder.
+
+    Raises ValueError with one line per problem, each naming its field.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings at the top level")
+    folder = path.resolve().parent
+    for entry in data.get("mixture") or []:
+        if isinstance(entry, dict):
+            for key in ("path", "validation_path"):
+                if isinstance(entry.get(key), str):
+                    entry[key] = str(folder / entry[key])
+    if isinstance(data.get("output_dir"), str):
+        data["output_dir"] = str(folder / data["output_dir"])
+    try:
+        return TrainConfig(**data)
+    except ValidationError as err:
+        lines = [f"{field_path(e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ValueError(f"{path} has {len(lines)} problem(s):\n  " + "\n  ".join(lines)) from None
+
+
+def field_path(location: tuple[Any, ...] | list[Any]) -> str:
+    """A pydantic error location as a field name: ``("mixture", 0, "path")`` -> ``mixture[0].path``."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
