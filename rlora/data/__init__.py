@@ -13,7 +13,7 @@ from .records import (
     lone_surrogate,
     validate_dataset,
 )
-from .tokenize import Collator, encode_example, prompt_ids, with_bos
+from .tokenize import Collator, encode_example, left_pad, prompt_ids, with_bos
 
 __all__ = [
     "IGNORE_INDEX",
@@ -25,6 +25,7 @@ __all__ = [
     "MixtureSource",
     "RecordError",
     "encode_example",
+    "left_pad",
     "load_dataset",
     "lone_surrogate",
     "prompt_ids",

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..data import IGNORE_INDEX, Collator, Example, MixtureSource, encode_example, prompt_ids
+from ..data import IGNORE_INDEX, Collator, Example, MixtureSource, encode_example, left_pad, prompt_ids
 from .config import TrainingSettings
 
 
@@ -74,15 +74,11 @@ def generate_greedy(model, tokenizer, examples: list[Example], settings: Trainin
     """Greedy answers for a batch of prompts (left-padded, as decoder-only generation needs)."""
     room = max(settings.max_seq_len - settings.eval_max_new_tokens, 1)
     prompts = [prompt_ids(tokenizer, e, max_len=room) for e in examples]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention_mask[row, width - len(ids):] = 1
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    width = input_ids.shape[1]
     generated = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         max_new_tokens=settings.eval_max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
