@@ -7,13 +7,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 # FastAPI locates a request's errors in a part of the request first; a field's path starts after it.
-REQUEST_PARTS = ("body", "query", "path", "header")
+_REQUEST_PARTS = ("body", "query", "path", "header")
 
 
 def field_path(loc: Sequence[Any]) -> str:
     """``("body", "mixture", 0, "file_id")`` -> ``mixture[0].file_id``."""
     parts = list(loc)
-    if parts and parts[0] in REQUEST_PARTS:
+    if parts and parts[0] in _REQUEST_PARTS:
         parts = parts[1:]
     path = ""
     for part in parts:
