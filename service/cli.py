@@ -16,7 +16,6 @@ from service.settings import Settings, get_settings
 
 log = logging.getLogger("rlora")
 
-DEVICE_CLASSES = ("cpu", "gpu")
 WORKER_STOP_SECONDS = 10
 
 
@@ -147,6 +146,8 @@ def _create_tenant(settings: Settings, name: str) -> int:
 
 
 def _worker(settings: Settings, queues: str | None) -> int:
+    from service.jobs.queue import DEVICE_CLASSES, queue_name
+
     classes = [q.strip() for q in (queues or settings.worker_queues or _host_device_class()).split(",") if q.strip()]
     unknown = sorted(set(classes) - set(DEVICE_CLASSES))
     if unknown or not classes:
@@ -160,7 +161,7 @@ def _worker(settings: Settings, queues: str | None) -> int:
         # One job per process: the trainer itself uses every core (or the GPU).
         "--pool=solo",
         "--concurrency=1",
-        f"--queues={','.join(f'{settings.queue_prefix}.{c}' for c in classes)}",
+        f"--queues={','.join(queue_name(settings, c) for c in classes)}",
         f"--hostname=rlora-{os.getpid()}@%h",
         "--loglevel=INFO",
         "--without-gossip",
@@ -188,6 +189,8 @@ class _WorkerProcess:
         self.thread.start()
 
     def _supervise(self) -> None:
+        from service.jobs.queue import DEVICE_CLASSES
+
         # Takes every device class: with one worker, a GPU job on a CPU-only host should
         # fail with a readable error rather than wait forever.
         command = [sys.executable, "-m", "service.cli", "worker", "--queues", ",".join(DEVICE_CLASSES)]

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(100, ge=1, description="queued plus running jobs")
     page_size_max: int = Field(100, ge=1)
 
-    # Job routing: queue names are "<queue_prefix>.<device class>".
+    # Job routing: queue names are "<queue_prefix>.<device class>" (service.jobs.queue).
     queue_prefix: str = Field("rlora", pattern=r"^[A-Za-z0-9_.\-]+$")
     auto_device_class: Literal["cpu", "gpu"] = Field("cpu", description="queue for device 'auto' jobs")
     worker_queues: str | None = Field(None, description="comma-separated device classes a worker takes")
@@ -87,10 +87,6 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         # Where built-in models (tiny) are built; the same place `rlora train` uses.
         return self.home / "models"
-
-    def queue_for(self, device: str) -> str:
-        device_class = {"cpu": "cpu", "cuda": "gpu"}.get(device, self.auto_device_class)
-        return f"{self.queue_prefix}.{device_class}"
 
     def prepare_dirs(self) -> None:
         for folder in (self.files_dir, self.jobs_dir, self.tmp_dir, self.cache_dir):

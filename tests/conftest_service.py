@@ -133,6 +133,13 @@ def job_body(file_id: str, **training) -> dict:
     }
 
 
+def submit_job(client, headers, file_id: str, **training) -> dict:
+    """A queued job of ``job_body`` (its JSON), asserting the submission was accepted."""
+    response = client.post("/v1/jobs", headers=headers, json=job_body(file_id, **training))
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -5,11 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest_service import dataset, job_body, make_settings, upload
+from conftest_service import dataset, job_body, make_settings, submit_job, upload
 
 from service.jobs import states
-from service.jobs.states import InvalidTransition, Status
-from service.models import Job
 
 
 def error_of(response, status: int) -> dict:
@@ -17,12 +15,6 @@ def error_of(response, status: int) -> dict:
     error = response.json()["error"]
     assert set(error) <= {"code", "message", "field", "details"} and error["message"]
     return error
-
-
-def submit(client, headers, file_id, **training):
-    response = client.post("/v1/jobs", headers=headers, json=job_body(file_id, **training))
-    assert response.status_code == 201, response.text
-    return response.json()
 
 
 # --- health, auth, routing errors ---------------------------------------------------------
@@ -186,7 +178,7 @@ def test_oversize_json_body_is_413_but_uploads_keep_their_own_limit(tmp_path):
 def test_submit_list_get_and_events(client, new_tenant):
     headers = new_tenant()
     file_id = upload(client, headers, dataset()).json()["id"]
-    job = submit(client, headers, file_id)
+    job = submit_job(client, headers, file_id)
     assert job["status"] == "queued" and job["attempt"] == 0 and job["progress"] is None and job["error"] is None
     assert job["adapter"]["heads"] == 2 and job["adapter"]["alpha"] == 32.0, "adapter settings come back normalised"
     assert job["training"]["max_steps"] == 4 and job["training"]["learning_rate"] == 2e-4
@@ -203,14 +195,14 @@ def test_jobs_are_queued_by_device_class(client, new_tenant):
     file_id = upload(client, headers, dataset()).json()["id"]
     queues = {}
     for device in ("cpu", "cuda", "auto"):
-        job = submit(client, headers, file_id, device=device)
+        job = submit_job(client, headers, file_id, device=device)
         queues[device] = client.get(f"/v1/jobs/{job['id']}/events", headers=headers).json()["data"][0]["data"]["queue"]
     assert queues == {"cpu": "rlora.cpu", "cuda": "rlora.gpu", "auto": "rlora.cpu"}
 
 
 def test_events_page_after_the_last_seen(client, new_tenant):
     headers = new_tenant()
-    job_id = submit(client, headers, upload(client, headers, dataset()).json()["id"])["id"]
+    job_id = submit_job(client, headers, upload(client, headers, dataset()).json()["id"])["id"]
     client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
     first = client.get(f"/v1/jobs/{job_id}/events", headers=headers, params={"limit": 1}).json()
     assert [e["kind"] for e in first["data"]] == ["created"] and first["next_cursor"] == str(first["data"][0]["id"])
@@ -221,7 +213,7 @@ def test_events_page_after_the_last_seen(client, new_tenant):
 def test_job_list_filters_and_pages(client, new_tenant):
     headers = new_tenant()
     file_id = upload(client, headers, dataset()).json()["id"]
-    ids = [submit(client, headers, file_id)["id"] for _ in range(5)]
+    ids = [submit_job(client, headers, file_id)["id"] for _ in range(5)]
     client.post(f"/v1/jobs/{ids[0]}/cancel", headers=headers)
 
     seen, cursor = [], None
@@ -318,7 +310,7 @@ def test_concurrent_submissions_with_one_key_make_one_job(client, new_tenant):
 def test_cancel_a_queued_job(client, new_tenant):
     headers = new_tenant()
     file_id = upload(client, headers, dataset()).json()["id"]
-    job = submit(client, headers, file_id)
+    job = submit_job(client, headers, file_id)
     cancelled = client.post(f"/v1/jobs/{job['id']}/cancel", headers=headers).json()
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
     events = client.get(f"/v1/jobs/{job['id']}/events", headers=headers).json()["data"]
@@ -330,7 +322,7 @@ def test_cancel_a_queued_job(client, new_tenant):
 def test_cancel_a_running_job_sets_the_flag(client, new_tenant, app):
     headers = new_tenant()
     file_id = upload(client, headers, dataset()).json()["id"]
-    job = submit(client, headers, file_id)
+    job = submit_job(client, headers, file_id)
     with app.state.db.session() as session:
         assert states.claim(session, job["id"], "test-worker") == 1
     response = client.post(f"/v1/jobs/{job['id']}/cancel", headers=headers).json()
@@ -342,7 +334,7 @@ def test_cancel_a_running_job_sets_the_flag(client, new_tenant, app):
 def test_file_used_by_an_active_job_cannot_be_deleted(client, new_tenant):
     headers = new_tenant()
     file_id = upload(client, headers, dataset()).json()["id"]
-    job = submit(client, headers, file_id)
+    job = submit_job(client, headers, file_id)
     error = error_of(client.delete(f"/v1/files/{file_id}", headers=headers), 409)
     assert error["code"] == "file_in_use" and job["id"] in error["message"]
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=headers)
@@ -354,7 +346,7 @@ def test_active_job_limit_is_429(client, new_tenant, service_settings):
     headers = new_tenant()
     file_id = upload(client, headers, dataset()).json()["id"]
     for _ in range(service_settings.max_active_jobs_per_tenant):
-        submit(client, headers, file_id)
+        submit_job(client, headers, file_id)
     assert error_of(client.post("/v1/jobs", headers=headers, json=job_body(file_id)), 429)["code"] == "too_many_jobs"
 
 
@@ -364,7 +356,7 @@ def test_active_job_limit_is_429(client, new_tenant, service_settings):
 def test_another_tenants_objects_are_404(client, new_tenant):
     owner, stranger = new_tenant(), new_tenant()
     file_id = upload(client, owner, dataset()).json()["id"]
-    job_id = submit(client, owner, file_id)["id"]
+    job_id = submit_job(client, owner, file_id)["id"]
     for method, path in [
         ("get", f"/v1/files/{file_id}"),
         ("delete", f"/v1/files/{file_id}"),
@@ -378,51 +370,3 @@ def test_another_tenants_objects_are_404(client, new_tenant):
         assert client.get(path, headers=stranger).json()["data"] == []
     assert client.get(f"/v1/jobs/{job_id}", headers=owner).json()["status"] == "queued", "untouched"
     assert error_of(client.get("/v1/adapters/ad-nothing", headers=stranger), 404)["code"] == "not_found"
-
-
-# --- the state machine --------------------------------------------------------------------
-
-
-def test_concurrent_claims_exactly_one_wins(client, new_tenant, app):
-    headers = new_tenant()
-    file_id = upload(client, headers, dataset()).json()["id"]
-    job_id = submit(client, headers, file_id)["id"]
-    barrier = threading.Barrier(4)
-    results = []
-
-    def claim(worker: str):
-        with app.state.db.session() as session:
-            barrier.wait()
-            results.append(states.claim(session, job_id, worker))
-
-    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(results, key=lambda r: r is None) == [1, None, None, None]
-    with app.state.db.session() as session:
-        job = session.get(Job, job_id)
-        assert job.status == Status.RUNNING and job.attempt == 1
-
-
-def test_transitions_are_compare_and_set(client, new_tenant, app):
-    headers = new_tenant()
-    file_id = upload(client, headers, dataset()).json()["id"]
-    job_id = submit(client, headers, file_id)["id"]
-    with app.state.db.session() as session:
-        with pytest.raises(InvalidTransition):
-            states.transition(session, job_id, Status.QUEUED, Status.SUCCEEDED)
-        assert not states.transition(session, job_id, Status.RUNNING, Status.FAILED), "job is not running"
-        attempt = states.claim(session, job_id, "w")
-        assert not states.transition(session, job_id, Status.RUNNING, Status.SUCCEEDED, attempt=attempt + 1), "stale attempt"
-        assert states.transition(session, job_id, Status.RUNNING, Status.QUEUED, attempt=attempt)
-        assert states.claim(session, job_id, "w2") == attempt + 1
-        assert states.transition(session, job_id, Status.RUNNING, Status.FAILED, attempt=attempt + 1, error_code="x", error_message="y")
-        session.commit()
-        job = session.get(Job, job_id, populate_existing=True)
-        assert job.status == Status.FAILED and job.finished_at is not None
-        with pytest.raises(InvalidTransition):
-            states.cancel(session, job)
-    error = client.get(f"/v1/jobs/{job_id}", headers=headers).json()["error"]
-    assert error == {"code": "x", "message": "y"}

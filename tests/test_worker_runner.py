@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from conftest_service import dataset, job_body, upload
+from conftest_service import dataset, submit_job, upload
 from sqlalchemy import update
 
 from service.jobs import states
@@ -19,10 +19,7 @@ from worker.reconciler import reconcile
 
 
 def submit(client, headers, content=None) -> str:
-    file_id = upload(client, headers, content or dataset()).json()["id"]
-    response = client.post("/v1/jobs", headers=headers, json=job_body(file_id))
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
+    return submit_job(client, headers, upload(client, headers, content or dataset()).json()["id"])["id"]
 
 
 def messages_for(settings, job_id: str) -> int:

@@ -10,9 +10,8 @@ from functools import cache
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from service.db import Database
-from service.settings import get_settings
-
 from service.jobs.queue import TASK_NAME, create_celery
+from service.settings import get_settings
 from worker.reconciler import Reconciler
 from worker.runner import run_job
 

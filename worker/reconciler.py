@@ -13,15 +13,13 @@ import threading
 from datetime import timedelta
 
 from celery import Celery
-from sqlalchemy import or_, select
 
-from service.jobs import states
 from service.db import Database
-from service.jobs.states import Status
-from service.models import Job, utcnow
-from service.settings import Settings
-
+from service.jobs import states
 from service.jobs.queue import enqueue_job
+from service.jobs.states import Status
+from service.models import utcnow
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +29,7 @@ def reconcile(settings: Settings, db: Database, celery: Celery) -> dict[str, int
     counts = {"requeued": 0, "resent": 0, "cancelled": 0}
     now = utcnow()
     with db.session() as session:
-        lost = session.scalars(
-            select(Job).where(
-                Job.status == Status.RUNNING,
-                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < now - timedelta(seconds=settings.heartbeat_timeout)),
-            )
-        ).all()
-        for job in lost:
+        for job in states.lost_jobs(session, silent_since=now - timedelta(seconds=settings.heartbeat_timeout)):
             new = states.requeue_lost(session, job, f"no heartbeat from {job.worker} for {settings.heartbeat_timeout:g}s")
             if new == Status.QUEUED:
                 log.warning("job %s: worker %s lost; queued again", job.id, job.worker)
@@ -46,10 +38,7 @@ def reconcile(settings: Settings, db: Database, celery: Celery) -> dict[str, int
             elif new == Status.CANCELLED:
                 counts["cancelled"] += 1
 
-        waiting = session.scalars(
-            select(Job).where(Job.status == Status.QUEUED, Job.enqueued_at < now - timedelta(seconds=settings.requeue_after))
-        ).all()
-        for job in waiting:
+        for job in states.unsent_jobs(session, queued_before=now - timedelta(seconds=settings.requeue_after)):
             if states.touch_enqueued(session, job, now):
                 log.warning("job %s: queued since %s without a worker taking it; sent again", job.id, job.enqueued_at)
                 enqueue_job(celery, job.id, job.queue)

@@ -13,26 +13,20 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
-
+from rlora.adapter.folder import CONFIG_FILE
+from rlora.train.config import TrainConfig
 from rlora.train.loop import Progress, TrainingCancelled, train
-from rlora.train.config import MixtureEntry, TrainConfig
-from service.jobs import states
 from service.db import Database
+from service.jobs import states
+from service.jobs.requests import mixture_file_ids, tenant_files, train_config
 from service.jobs.states import Status
-from service.models import Adapter, File, Job, utcnow
+from service.models import Adapter, Job
 from service.settings import Settings
-from service.jobs.storage import blob_path
 
 log = logging.getLogger(__name__)
 
 ERROR_MESSAGE_CHARS = 4000
 STOP_CHECK_INTERVAL = 1.0  # seconds between reads of the cancel flag
-
-
-class JobInputError(ValueError):
-    """The job cannot run as submitted (one of its files is gone)."""
 
 
 def run_job(settings: Settings, db: Database, job_id: str, worker: str) -> Status | None:
@@ -95,33 +89,10 @@ class _Run:
         return self._succeed(_jsonable(metrics))
 
     def _train_config(self) -> TrainConfig:
-        job = self.job
         with self.db.session() as session:
-            ids = {m["file_id"] for m in job.mixture} | {m["validation_file_id"] for m in job.mixture if m.get("validation_file_id")}
-            files = {f.id: f for f in session.scalars(select(File).where(File.tenant_id == job.tenant_id, File.id.in_(ids)))}
-
-        def path(file_id: str) -> str:
-            file = files.get(file_id)
-            if file is None or not blob_path(self.settings, file.sha256).is_file():
-                raise JobInputError(f"file {file_id} was deleted")
-            return str(blob_path(self.settings, file.sha256))
-
-        return TrainConfig(
-            base_model=job.base_model,
-            mixture=[
-                MixtureEntry(
-                    path=path(m["file_id"]),
-                    weight=m["weight"],
-                    task=m["task"],
-                    validation_path=path(m["validation_file_id"]) if m.get("validation_file_id") else None,
-                )
-                for m in job.mixture
-            ],
-            adapter=job.adapter,
-            training=job.training,
-            # Stable per job: a retry after a lost worker resumes from its checkpoints here.
-            output_dir=str(self.output_dir),
-        )
+            files = tenant_files(session, self.job.tenant_id, mixture_file_ids(self.job.mixture))
+        # Stable per job: a retry after a lost worker resumes from its checkpoints here.
+        return train_config(self.settings, self.job, files, self.output_dir)
 
     # --- trainer callbacks ---------------------------------------------------------------
 
@@ -136,17 +107,13 @@ class _Run:
             for name in ("step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds")
         }
         with self.db.session() as session:
-            if self._update_owned(session, heartbeat_at=utcnow(), **values):
-                states.add_event(session, self.job, "progress", values)
-            session.commit()
+            states.touch_running(session, self.job, self.attempt, ("progress", values), **values)
 
     def _on_event(self, kind: str, data: dict) -> None:
         # Paths on the worker's disk are no business of the tenant's.
         data = {key: value for key, value in data.items() if key != "path"}
         with self.db.session() as session:
-            if self._update_owned(session, heartbeat_at=utcnow()):
-                states.add_event(session, self.job, kind, _jsonable(data))
-            session.commit()
+            states.touch_running(session, self.job, self.attempt, (kind, _jsonable(data)))
 
     def _should_stop(self) -> bool:
         now = time.monotonic()
@@ -154,10 +121,10 @@ class _Run:
             return self._stop
         self._last_stop_check = now
         with self.db.session() as session:
-            row = session.execute(select(Job.status, Job.attempt, Job.cancel_requested).where(Job.id == self.job.id)).one()
-        if row.status != Status.RUNNING or row.attempt != self.attempt:
+            state = states.run_state(session, self.job.id, self.attempt)
+        if not state.owned:
             self.owned = False
-        self._stop = row.cancel_requested or not self.owned
+        self._stop = state.cancel_requested or not self.owned
         return self._stop
 
     def _heartbeat(self) -> None:
@@ -166,8 +133,7 @@ class _Run:
         while not self._heartbeat_done.wait(self.settings.heartbeat_interval):
             try:
                 with self.db.session() as session:
-                    owned = self._update_owned(session, heartbeat_at=utcnow())
-                    session.commit()
+                    owned = states.touch_running(session, self.job, self.attempt)
             except Exception:  # noqa: BLE001 - a missed beat is retried; the reconciler is lenient
                 log.exception("job %s: heartbeat failed", self.job.id)
                 continue
@@ -176,21 +142,11 @@ class _Run:
                 self._stop = True
                 return
 
-    def _update_owned(self, session: Session, **values: Any) -> bool:
-        """Update the job only while this worker's attempt is the running one."""
-        result = session.execute(
-            update(Job)
-            .where(Job.id == self.job.id, Job.status == Status.RUNNING, Job.attempt == self.attempt)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        return result.rowcount == 1
-
     # --- outcomes ------------------------------------------------------------------------
 
     def _succeed(self, metrics: dict[str, Any]) -> Status | None:
         adapter_dir = self.output_dir / "adapter"
-        config_file = adapter_dir / "adapter_config.json"
+        config_file = adapter_dir / CONFIG_FILE
         config = json.loads(config_file.read_text()) if config_file.is_file() else {"adapter": self.job.adapter}
         with self.db.session() as session:
             adapter = Adapter(
@@ -206,29 +162,22 @@ class _Run:
             )
             session.add(adapter)
             session.flush()
-            if not states.transition(session, self.job.id, Status.RUNNING, Status.SUCCEEDED, attempt=self.attempt, metrics=metrics):
-                session.rollback()
+            if not states.finish(session, self.job, self.attempt, Status.SUCCEEDED, {"adapter_id": adapter.id}, metrics=metrics):
                 log.warning("job %s finished training but is no longer ours; result dropped", self.job.id)
                 return None
-            states.add_event(session, self.job, "finished", {"status": Status.SUCCEEDED, "adapter_id": adapter.id})
-            session.commit()
         self._drop_checkpoints()
         log.info("job %s succeeded: adapter %s", self.job.id, adapter.id)
         return Status.SUCCEEDED
 
     def _finish(self, status: Status, error: tuple[str, str] | None = None) -> Status | None:
         values: dict[str, Any] = {}
+        data: dict[str, Any] = {}
         if error is not None:
             values = {"error_code": error[0], "error_message": error[1][:ERROR_MESSAGE_CHARS]}
+            data = {"error": {"code": values["error_code"], "message": values["error_message"]}}
         with self.db.session() as session:
-            if not states.transition(session, self.job.id, Status.RUNNING, status, attempt=self.attempt, **values):
-                session.rollback()
+            if not states.finish(session, self.job, self.attempt, status, data, **values):
                 return None
-            data: dict[str, Any] = {"status": status}
-            if error is not None:
-                data["error"] = {"code": values["error_code"], "message": values["error_message"]}
-            states.add_event(session, self.job, "finished", data)
-            session.commit()
         self._drop_checkpoints()
         log.info("job %s %s%s", self.job.id, status, f": {error[1]}" if error else "")
         return status

@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.problems import validation_problems
+
 log = logging.getLogger(__name__)
 
 
@@ -83,28 +85,6 @@ def reject_lone_surrogates(value: Any, field: str = "") -> None:
         raise invalid(path or "body", f"{path}: {message}" if path else message)
 
 
-def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
-    """``("body", "mixture", 0, "file_id")`` -> ``mixture[0].file_id``."""
-    parts = list(loc)
-    if parts and parts[0] in ("body", "query", "path", "header"):
-        parts = parts[1:]
-    path = ""
-    for part in parts:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path
-
-
-def pydantic_details(errors: list[dict[str, Any]], prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    details = []
-    for error in errors:
-        path = field_path(prefix + tuple(error["loc"]))
-        details.append({"field": path, "message": error["msg"]} if path else {"message": error["msg"]})
-    return details
-
-
 def error_body(code: str, message: str, field: str | None = None, details: list[dict[str, Any]] | None = None) -> dict:
     """The one error shape, as a JSON-ready dict."""
     error: dict[str, Any] = {"code": code, "message": message}
@@ -163,7 +143,10 @@ def _body_error(request: Request, exc: RequestValidationError) -> APIError | Non
     return None
 
 
-_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+# What json.loads raises for a body it refuses other than by a syntax error (a syntax error,
+# JSONDecodeError, reaches the validation handler as "json_invalid"): FastAPI answers these
+# with a bare 400 that keeps the exception as its cause.
+_JSON_PARSE_FAILURES = (ValueError, RecursionError)
 
 
 def _unparsable_body(cause: BaseException) -> APIError:
@@ -189,19 +172,16 @@ def install_error_handlers(app: FastAPI) -> None:
         body_error = _body_error(request, exc)
         if body_error is not None:
             return await _api_error(request, body_error)
-        details = pydantic_details(list(exc.errors()))
+        details = validation_problems(exc.errors())
         if not details:
             return JSONResponse(error_body("invalid_request", "invalid request"), status_code=422)
-        first = details[0]
-        field = first.get("field")
-        message = f"{field}: {first['message']}" if field else first["message"]
-        return JSONResponse(error_body("invalid_request", message, field, details), status_code=422)
+        return await _api_error(request, invalid_fields(details))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.__cause__ is not None and exc.detail == _FASTAPI_BODY_ERROR:
-            # FastAPI's 400 "There was an error parsing the body": a 422 like any other
-            # unparsable JSON body, saying what was wrong with it.
+        if exc.status_code == 400 and isinstance(exc.__cause__, _JSON_PARSE_FAILURES):
+            # FastAPI's 400 for a body json.loads refused: a 422 like any other unparsable
+            # JSON body, saying what was wrong with it.
             return await _api_error(request, _unparsable_body(exc.__cause__))
         code = _STATUS_CODES.get(exc.status_code, "error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)

@@ -1,4 +1,5 @@
-"""Cursor pagination over time-ordered ids (newest first)."""
+"""Cursor pagination over ids: objects newest first (after a time-ordered id), a job's
+events oldest first (after the last event id seen)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,18 @@ from sqlalchemy.orm import Session
 from service.api.deps import SettingsDep
 from service.api.errors import invalid
 from service.ids import could_exist
+from service.settings import Settings
+
+
+def _checked_limit(settings: Settings, limit: int) -> int:
+    if limit > settings.page_size_max:
+        raise invalid("limit", f"limit: must be at most {settings.page_size_max}")
+    return limit
 
 
 class PageParams:
+    oldest_first = False  # objects, newest first
+
     def __init__(
         self,
         settings: SettingsDep,
@@ -22,21 +32,35 @@ class PageParams:
     ):
         if after is not None and not could_exist(after):
             raise invalid("after", "after: not a cursor (it contains a NUL character); pass the next_cursor of the previous page")
-        if limit > settings.page_size_max:
-            raise invalid("limit", f"limit: must be at most {settings.page_size_max}")
-        self.limit = limit
+        self.limit = _checked_limit(settings, limit)
+        self.after = after
+
+
+class EventPageParams:
+    # Oldest first: a client follows a job by passing the last id it has seen.
+    oldest_first = True
+
+    def __init__(
+        self,
+        settings: SettingsDep,
+        after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="id of the last event seen (event ids are 32-bit)")] = None,
+        limit: Annotated[int, Query(ge=1)] = 100,
+    ):
+        self.limit = _checked_limit(settings, limit)
         self.after = after
 
 
 PageDep = Annotated[PageParams, Depends()]
+EventPageDep = Annotated[EventPageParams, Depends()]
 
 
-def page(session: Session, query: Select, id_column: Any, params: PageParams) -> tuple[list[Any], str | None]:
-    """One page of ``query``'s rows, newest first, and the cursor of the next (None at the end)."""
+def page(session: Session, query: Select, id_column: Any, params: PageParams | EventPageParams) -> tuple[list[Any], str | None]:
+    """One page of ``query``'s rows in the order of ``params``, and the cursor of the next (None at the end)."""
     if params.after is not None:
-        query = query.where(id_column < params.after)
-    rows = list(session.scalars(query.order_by(id_column.desc()).limit(params.limit + 1)))
+        query = query.where(id_column > params.after if params.oldest_first else id_column < params.after)
+    order = id_column.asc() if params.oldest_first else id_column.desc()
+    rows = list(session.scalars(query.order_by(order).limit(params.limit + 1)))
     if len(rows) > params.limit:
         rows = rows[: params.limit]
-        return rows, rows[-1].id
+        return rows, str(rows[-1].id)
     return rows, None

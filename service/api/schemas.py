@@ -7,12 +7,9 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlora.train.config import MixtureEntry, TrainingSettings
+from service.jobs.requests import JobRequest
 
 T = TypeVar("T")
-
-# The weight and task rules are the trainer's own (MixtureEntry); only the source differs.
-_ENTRY = MixtureEntry.model_fields
 
 
 class Page(BaseModel, Generic[T]):
@@ -36,22 +33,8 @@ class FileOut(BaseModel):
     created_at: datetime
 
 
-class MixtureItem(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    file_id: str = Field(min_length=1)
-    weight: float = _ENTRY["weight"]
-    task: str = _ENTRY["task"]
-    validation_file_id: str | None = Field(None, description="held-out set; otherwise training.validation_share of the file")
-
-
-class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    base_model: str = Field(min_length=1, max_length=255)
-    mixture: list[MixtureItem] = Field(min_length=1, max_length=64)
-    adapter: dict[str, Any] = Field(default_factory=dict, description="AdapterConfig settings")
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
+class JobCreate(JobRequest):
+    """The body of ``POST /v1/jobs``: a job request as the job domain defines it."""
 
 
 class Progress(BaseModel):

@@ -1,4 +1,5 @@
-"""The Celery app, configured from settings. Importing it does not import the trainer.
+"""The sending side of the queue: queue names, the Celery app configured from settings, and
+sending a job. Importing it does not import the trainer.
 
 The broker carries job ids only; the database is the source of truth.
 """
@@ -18,11 +19,21 @@ DEVICE_CLASSES = ("cpu", "gpu")
 log = logging.getLogger(__name__)
 
 
+def queue_name(settings: Settings, device_class: str) -> str:
+    return f"{settings.queue_prefix}.{device_class}"
+
+
+def queue_for(settings: Settings, device: str) -> str:
+    """The queue of a job for ``device`` (a training setting: cpu, cuda or auto)."""
+    device_class = {"cpu": "cpu", "cuda": "gpu"}.get(device, settings.auto_device_class)
+    return queue_name(settings, device_class)
+
+
 def create_celery(settings: Settings) -> Celery:
     app = Celery("rlora")
     # Each queue gets its own exchange and key; left out, Celery would route every queue
     # through the default queue's exchange.
-    names = [f"{settings.queue_prefix}.{device}" for device in DEVICE_CLASSES]
+    names = [queue_name(settings, device_class) for device_class in DEVICE_CLASSES]
     queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names]
     config = dict(
         task_queues=queues,

@@ -1,84 +1,160 @@
-"""Checking a job submission completely before anything is queued."""
+"""A job request: checked completely before anything is queued, stored as a `Job`, and turned
+into the trainer's input (`train_config`) by the same code at submission and in the worker."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlora.adapter.config import AdapterConfig, AdapterConfigError
 from rlora.basemodels import list_base_models
-from rlora.train.config import MixtureEntry, TrainConfig
-
-from service.api.errors import invalid_fields, pydantic_details
+from rlora.train.config import MixtureEntry, TrainConfig, TrainingSettings
 from service.ids import could_exist
-from service.models import File
-from service.api.schemas import JobCreate
-from service.settings import Settings
+from service.jobs.queue import queue_for
+from service.jobs.states import Status
 from service.jobs.storage import blob_path
+from service.models import File, Job
+from service.problems import validation_problems
+from service.settings import Settings
+
+# The weight and task rules are the trainer's own (MixtureEntry); only the source differs.
+_ENTRY = MixtureEntry.model_fields
+
+
+class MixtureItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    file_id: str = Field(min_length=1)
+    weight: float = _ENTRY["weight"]
+    task: str = _ENTRY["task"]
+    validation_file_id: str | None = Field(None, description="held-out set; otherwise training.validation_share of the file")
+
+
+class JobRequest(BaseModel):
+    """What a tenant asks to train: datasets by file id, the adapter and training settings."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    base_model: str = Field(min_length=1, max_length=255)
+    mixture: list[MixtureItem] = Field(min_length=1, max_length=64)
+    adapter: dict[str, Any] = Field(default_factory=dict, description="AdapterConfig settings")
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+
+class InvalidJobRequest(ValueError):
+    """Every problem found with a request, each ``{"field", "message"}``; the first leads."""
+
+    def __init__(self, problems: list[dict[str, Any]]):
+        super().__init__("; ".join(f"{p['field']}: {p['message']}" if p.get("field") else p["message"] for p in problems))
+        self.problems = problems
+
+
+class JobInputError(ValueError):
+    """The job cannot run as submitted (one of its files is gone)."""
 
 
 @dataclass
 class CheckedJob:
-    adapter: dict[str, Any]
+    job: Job  # queued, not yet added to a session
     file_ids: list[str]
 
 
-def request_hash(body: JobCreate) -> str:
-    """Of the body with defaults filled in, so equivalent submissions hash alike."""
-    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+def request_hash(request: JobRequest) -> str:
+    """Of the request with defaults filled in, so equivalent submissions hash alike."""
+    return hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def check_job(session: Session, settings: Settings, tenant_id: str, body: JobCreate) -> CheckedJob:
-    """Every problem with ``body`` as one 422 naming the fields; else the normalised parts."""
-    problems: list[dict[str, str]] = []
+def mixture_file_ids(mixture: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The ids of a stored mixture's files, validation sets included."""
+    return {item["file_id"] for item in mixture} | {item["validation_file_id"] for item in mixture if item.get("validation_file_id")}
+
+
+def tenant_files(session: Session, tenant_id: str, file_ids: Iterable[str]) -> dict[str, File]:
+    """The tenant's files among ``file_ids``, by id; the others do not exist (for this tenant)."""
+    candidates = [file_id for file_id in file_ids if could_exist(file_id)]
+    return {f.id: f for f in session.scalars(select(File).where(File.tenant_id == tenant_id, File.id.in_(candidates)))}
+
+
+def train_config(settings: Settings, job: Job, files: Mapping[str, File], output_dir: Path) -> TrainConfig:
+    """The trainer's input for ``job``, its datasets read from the stored content of ``files``.
+
+    Raises ``JobInputError`` for a file that is gone, and pydantic's ``ValidationError`` for
+    what the trainer's own rules refuse (those that span fields, such as one task per dataset).
+    """
+
+    def path(file_id: str) -> str:
+        file = files.get(file_id)
+        if file is None or not blob_path(settings, file.sha256).is_file():
+            raise JobInputError(f"file {file_id} was deleted")
+        return str(blob_path(settings, file.sha256))
+
+    return TrainConfig(
+        base_model=job.base_model,
+        mixture=[
+            MixtureEntry(
+                path=path(item["file_id"]),
+                weight=item["weight"],
+                task=item["task"],
+                validation_path=path(item["validation_file_id"]) if item.get("validation_file_id") else None,
+            )
+            for item in job.mixture
+        ],
+        adapter=job.adapter,
+        training=job.training,
+        output_dir=str(output_dir),
+    )
+
+
+def check_job(session: Session, settings: Settings, tenant_id: str, request: JobRequest) -> CheckedJob:
+    """The queued job of ``request``, normalised; else ``InvalidJobRequest`` with every problem."""
+    problems: list[dict[str, Any]] = []
 
     available = list_base_models(settings.models_dir)
-    if body.base_model not in available:
-        problems.append({"field": "base_model", "message": f"unknown base model {body.base_model!r}; available: {', '.join(available)}"})
+    if request.base_model not in available:
+        problems.append({"field": "base_model", "message": f"unknown base model {request.base_model!r}; available: {', '.join(available)}"})
 
-    wanted = {item.file_id for item in body.mixture} | {i.validation_file_id for i in body.mixture if i.validation_file_id}
-    candidates = [file_id for file_id in wanted if could_exist(file_id)]
-    files = {f.id: f for f in session.scalars(select(File).where(File.tenant_id == tenant_id, File.id.in_(candidates)))}
-    for index, item in enumerate(body.mixture):
+    mixture = [item.model_dump(mode="json") for item in request.mixture]
+    wanted = mixture_file_ids(mixture)
+    files = tenant_files(session, tenant_id, wanted)
+    for index, item in enumerate(mixture):
         for name in ("file_id", "validation_file_id"):
-            file_id = getattr(item, name)
+            file_id = item[name]
             if file_id is not None and file_id not in files:
                 problems.append({"field": f"mixture[{index}].{name}", "message": f"no file {file_id!r}"})
 
     adapter: dict[str, Any] = {}
     try:
-        adapter = AdapterConfig.from_dict(body.adapter).to_dict()
+        adapter = AdapterConfig.from_dict(request.adapter).to_dict()
     except AdapterConfigError as err:
         problems.append({"field": f"adapter.{err.field}", "message": err.message})
     except TypeError as err:
         problems.append({"field": "adapter", "message": str(err)})
 
+    job = Job(
+        tenant_id=tenant_id,
+        status=Status.QUEUED,
+        base_model=request.base_model,
+        mixture=mixture,
+        adapter=adapter,
+        training=request.training.model_dump(mode="json"),
+        queue=queue_for(settings, request.training.device),
+    )
     if not problems:
-        # The trainer's own input model has the rules that span fields (one task per dataset).
+        # The job's checkpoints and adapter have no folder before it has an id; none is written.
         try:
-            TrainConfig(
-                base_model=body.base_model,
-                mixture=[
-                    MixtureEntry(
-                        path=str(blob_path(settings, files[item.file_id].sha256)),
-                        weight=item.weight,
-                        task=item.task,
-                        validation_path=str(blob_path(settings, files[item.validation_file_id].sha256)) if item.validation_file_id else None,
-                    )
-                    for item in body.mixture
-                ],
-                adapter=adapter,
-                training=body.training,
-                output_dir=str(settings.jobs_dir),
-            )
+            train_config(settings, job, files, settings.jobs_dir)
         except ValidationError as err:
-            problems += pydantic_details(list(err.errors()))
+            problems += validation_problems(err.errors())
+        except JobInputError as err:  # a file deleted while this request was being checked
+            problems.append({"field": "mixture", "message": str(err)})
     if problems:
-        raise invalid_fields(problems)
-    return CheckedJob(adapter=adapter, file_ids=sorted(wanted))
+        raise InvalidJobRequest(problems)
+    return CheckedJob(job=job, file_ids=sorted(wanted))

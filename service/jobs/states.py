@@ -1,21 +1,23 @@
-"""The job state machine: the one place that changes a job's status.
+"""The job state machine: the one place that changes a job's status, and that writes to a
+job only while its status (and the worker's attempt) is the one expected.
 
     queued -> running -> succeeded | failed | cancelled
     queued -> cancelled
     running -> queued            (the worker was lost; training resumes from its checkpoint)
 
-Every transition is a compare-and-set ``UPDATE ... WHERE status = :expected``: of two
-processes racing for the same job exactly one wins, and the loser learns it from the row
-count instead of overwriting the winner.
+Every transition, heartbeat and progress write is one compare-and-set (``_set_if``),
+``UPDATE ... WHERE status = :expected``: of two processes racing for the same job exactly one
+wins, and the loser learns it from the row count instead of overwriting the winner.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from service.models import Job, JobEvent, JobFile, utcnow
@@ -50,6 +52,17 @@ class InvalidTransition(Exception):
         self.wanted = wanted
 
 
+def _set_if(session: Session, job_id: str, expected: Status, values: dict[str, Any], *conditions: Any) -> bool:
+    """The one compare-and-set: ``values`` are written only while the job is ``expected`` (and
+    ``conditions`` hold); True if this call wrote them. The caller commits."""
+    query = update(Job).where(Job.id == job_id, Job.status == expected, *conditions)
+    return session.execute(query.values(**values).execution_options(synchronize_session=False)).rowcount == 1
+
+
+def _attempt_is(attempt: int | None) -> tuple[Any, ...]:
+    return () if attempt is None else (Job.attempt == attempt,)
+
+
 def transition(
     session: Session,
     job_id: str,
@@ -67,11 +80,27 @@ def transition(
         raise InvalidTransition(job_id, expected, new)
     if new in TERMINAL:
         values.setdefault("finished_at", utcnow())
-    query = update(Job).where(Job.id == job_id, Job.status == expected)
-    if attempt is not None:
-        query = query.where(Job.attempt == attempt)
-    result = session.execute(query.values(status=new, **values).execution_options(synchronize_session=False))
-    return result.rowcount == 1
+    return _set_if(session, job_id, expected, {"status": new, **values}, *_attempt_is(attempt))
+
+
+def _move(
+    session: Session,
+    job: Job,
+    expected: Status,
+    new: Status,
+    kind: str,
+    data: dict[str, Any],
+    *,
+    attempt: int | None = None,
+    **values: Any,
+) -> bool:
+    """``transition`` with its event (``{"status": new, **data}``), committed; rolled back if it lost."""
+    if not transition(session, job.id, expected, new, attempt=attempt, **values):
+        session.rollback()
+        return False
+    add_event(session, job, kind, {"status": new, **data})
+    session.commit()
+    return True
 
 
 def claim(session: Session, job_id: str, worker: str) -> int | None:
@@ -81,16 +110,41 @@ def claim(session: Session, job_id: str, worker: str) -> int | None:
         return None
     attempt = job.attempt + 1
     now = utcnow()
-    won = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == Status.QUEUED, Job.attempt == job.attempt)
-        .values(status=Status.RUNNING, attempt=attempt, worker=worker, heartbeat_at=now, started_at=job.started_at or now)
-        .execution_options(synchronize_session=False)
-    ).rowcount == 1
+    values = dict(status=Status.RUNNING, attempt=attempt, worker=worker, heartbeat_at=now, started_at=job.started_at or now)
+    won = _set_if(session, job_id, Status.QUEUED, values, *_attempt_is(job.attempt))
     if won:
         add_event(session, job, "started", {"attempt": attempt, "worker": worker})
     session.commit()
     return attempt if won else None
+
+
+@dataclass(frozen=True)
+class RunState:
+    owned: bool  # the job is still running under the attempt asked about
+    cancel_requested: bool
+
+
+def run_state(session: Session, job_id: str, attempt: int) -> RunState:
+    """Whether the worker holding ``attempt`` still runs the job, and whether it should stop."""
+    row = session.execute(select(Job.status, Job.attempt, Job.cancel_requested).where(Job.id == job_id)).one()
+    return RunState(owned=row.status == Status.RUNNING and row.attempt == attempt, cancel_requested=row.cancel_requested)
+
+
+def touch_running(session: Session, job: Job, attempt: int, event: tuple[str, dict[str, Any]] | None = None, **values: Any) -> bool:
+    """A sign of life from the worker holding ``attempt``: the heartbeat, ``values`` (progress)
+    and ``event`` (kind, data) are recorded only while that attempt runs the job; committed.
+    False once the job moved on without this worker (it was presumed lost, or the job ended)."""
+    owned = _set_if(session, job.id, Status.RUNNING, {"heartbeat_at": utcnow(), **values}, *_attempt_is(attempt))
+    if owned and event is not None:
+        add_event(session, job, *event)
+    session.commit()
+    return owned
+
+
+def finish(session: Session, job: Job, attempt: int, new: Status, data: dict[str, Any], **values: Any) -> bool:
+    """running -> ``new`` (an end) for the worker holding ``attempt``, with its "finished"
+    event carrying ``data``; committed. False (all rolled back) if the job is no longer its."""
+    return _move(session, job, Status.RUNNING, new, "finished", data, attempt=attempt, **values)
 
 
 def cancel(session: Session, job: Job) -> Status:
@@ -103,25 +157,24 @@ def cancel(session: Session, job: Job) -> Status:
     for _ in range(5):
         session.refresh(job)
         if job.status == Status.QUEUED:
-            if transition(session, job.id, Status.QUEUED, Status.CANCELLED, cancel_requested=True):
-                add_event(session, job, "finished", {"status": Status.CANCELLED})
-                session.commit()
+            if _move(session, job, Status.QUEUED, Status.CANCELLED, "finished", {}, cancel_requested=True):
                 return Status.CANCELLED
         elif job.status == Status.RUNNING:
-            flagged = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == Status.RUNNING)
-                .values(cancel_requested=True)
-                .execution_options(synchronize_session=False)
-            ).rowcount == 1
-            if flagged:
+            if _set_if(session, job.id, Status.RUNNING, {"cancel_requested": True}):
                 add_event(session, job, "cancel_requested", {})
                 session.commit()
                 return Status.RUNNING
+            session.rollback()
         else:
             raise InvalidTransition(job.id, job.status, Status.CANCELLED)
-        session.rollback()
     raise InvalidTransition(job.id, job.status, Status.CANCELLED)
+
+
+def lost_jobs(session: Session, silent_since: datetime) -> list[Job]:
+    """Running jobs whose worker has not beaten since ``silent_since`` (or never did)."""
+    return list(session.scalars(
+        select(Job).where(Job.status == Status.RUNNING, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < silent_since))
+    ))
 
 
 def requeue_lost(session: Session, job: Job, reason: str) -> Status | None:
@@ -130,27 +183,23 @@ def requeue_lost(session: Session, job: Job, reason: str) -> Status | None:
     Returns the new status, or None if the job changed meanwhile.
     """
     if job.cancel_requested:
-        won = transition(session, job.id, Status.RUNNING, Status.CANCELLED, attempt=job.attempt)
-        new = Status.CANCELLED
-    else:
-        won = transition(session, job.id, Status.RUNNING, Status.QUEUED, attempt=job.attempt, enqueued_at=utcnow(), worker=None)
-        new = Status.QUEUED
-    if not won:
-        session.rollback()
-        return None
-    add_event(session, job, "finished" if new == Status.CANCELLED else "requeued", {"status": new, "reason": reason})
-    session.commit()
-    return new
+        moved = _move(session, job, Status.RUNNING, Status.CANCELLED, "finished", {"reason": reason}, attempt=job.attempt)
+        return Status.CANCELLED if moved else None
+    moved = _move(
+        session, job, Status.RUNNING, Status.QUEUED, "requeued", {"reason": reason},
+        attempt=job.attempt, enqueued_at=utcnow(), worker=None,
+    )
+    return Status.QUEUED if moved else None
+
+
+def unsent_jobs(session: Session, queued_before: datetime) -> list[Job]:
+    """Queued jobs whose message was last sent before ``queued_before``."""
+    return list(session.scalars(select(Job).where(Job.status == Status.QUEUED, Job.enqueued_at < queued_before)))
 
 
 def touch_enqueued(session: Session, job: Job, at: datetime) -> bool:
     """Record that a queued job's message was sent again, unless another process just did."""
-    won = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == Status.QUEUED, Job.enqueued_at == job.enqueued_at)
-        .values(enqueued_at=at)
-        .execution_options(synchronize_session=False)
-    ).rowcount == 1
+    won = _set_if(session, job.id, Status.QUEUED, {"enqueued_at": at}, Job.enqueued_at == job.enqueued_at)
     session.commit()
     return won
 

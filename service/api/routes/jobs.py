@@ -5,17 +5,16 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.jobs.queue import enqueue_job
-
-from service.jobs import states
 from service.api.auth import TenantDep, get_owned
 from service.api.deps import CeleryDep, SessionDep, SettingsDep
-from service.api.errors import APIError, invalid, reject_lone_surrogates
-from service.jobs.requests import check_job, request_hash
+from service.api.errors import APIError, invalid_fields, reject_lone_surrogates
+from service.api.paging import EventPageDep, PageDep, page
+from service.api.schemas import JobCreate, JobError, JobEventOut, JobMetrics, JobOut, Page, Progress
+from service.jobs import states
+from service.jobs.queue import enqueue_job
+from service.jobs.requests import InvalidJobRequest, check_job, request_hash
 from service.jobs.states import Status
 from service.models import Adapter, Job, JobEvent, JobFile
-from service.api.paging import PageDep, page
-from service.api.schemas import JobCreate, JobError, JobEventOut, JobMetrics, JobOut, Page, Progress
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -76,22 +75,17 @@ def create_job(
             response.status_code = 200
             return job_out(earlier, _adapter_ids(session, [earlier.id]).get(earlier.id))
 
-    checked = check_job(session, settings, tenant.id, body)
+    try:
+        checked = check_job(session, settings, tenant.id, body)
+    except InvalidJobRequest as err:
+        raise invalid_fields(err.problems) from None
     active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(states.ACTIVE)))
     if active >= settings.max_active_jobs_per_tenant:
         raise APIError(429, "too_many_jobs", f"{active} jobs are queued or running; the limit is {settings.max_active_jobs_per_tenant}")
 
-    job = Job(
-        tenant_id=tenant.id,
-        status=Status.QUEUED,
-        base_model=body.base_model,
-        mixture=[item.model_dump(mode="json") for item in body.mixture],
-        adapter=checked.adapter,
-        training=body.training.model_dump(mode="json"),
-        queue=settings.queue_for(body.training.device),
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-    )
+    job = checked.job
+    job.idempotency_key = idempotency_key
+    job.request_hash = digest
     session.add(job)
     try:
         session.flush()
@@ -144,25 +138,11 @@ def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
 
 
 @router.get("/{job_id}/events")
-def list_events(
-    job_id: str,
-    tenant: TenantDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="id of the last event seen (event ids are 32-bit)")] = None,
-    limit: Annotated[int, Query(ge=1)] = 100,
-) -> Page[JobEventOut]:
-    if limit > settings.page_size_max:
-        raise invalid("limit", f"limit: must be at most {settings.page_size_max}")
+def list_events(job_id: str, tenant: TenantDep, session: SessionDep, params: EventPageDep) -> Page[JobEventOut]:
     get_job(session, tenant.id, job_id)
     query = select(JobEvent).where(JobEvent.tenant_id == tenant.id, JobEvent.job_id == job_id)
-    if after is not None:
-        query = query.where(JobEvent.id > after)
-    # Oldest first: a client follows a job by passing the last id it has seen.
-    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(data=[JobEventOut.model_validate(row) for row in rows], next_cursor=str(rows[-1].id) if more else None)
+    rows, cursor = page(session, query, JobEvent.id, params)
+    return Page(data=[JobEventOut.model_validate(row) for row in rows], next_cursor=cursor)
 
 
 @router.get("/{job_id}/metrics")
