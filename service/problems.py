@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from rlora.train.config import field_path as format_location
+
 # FastAPI locates a request's errors in a part of the request first; a field's path starts after it.
 _REQUEST_PARTS = ("body", "query", "path", "header")
 
@@ -13,15 +15,7 @@ _REQUEST_PARTS = ("body", "query", "path", "header")
 def field_path(loc: Sequence[Any]) -> str:
     """``("body", "mixture", 0, "file_id")`` -> ``mixture[0].file_id``."""
     parts = list(loc)
-    if parts and parts[0] in _REQUEST_PARTS:
-        parts = parts[1:]
-    path = ""
-    for part in parts:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path
+    return format_location(parts[1:] if parts and parts[0] in _REQUEST_PARTS else parts)
 
 
 def validation_problems(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from rlora.adapter.folder import CONFIG_FILE
-from rlora.train.config import TrainConfig
-from rlora.train.loop import Progress, TrainingCancelled, train
+from rlora.train import Progress, TrainConfig, TrainingCancelled, train
+from rlora.train.checkpoint import ADAPTER_DIR, CHECKPOINTS
 from service.db import Database
 from service.jobs import states
 from service.jobs.requests import mixture_file_ids, tenant_files, train_config
@@ -145,7 +145,7 @@ class _Run:
     # --- outcomes ------------------------------------------------------------------------
 
     def _succeed(self, metrics: dict[str, Any]) -> Status | None:
-        adapter_dir = self.output_dir / "adapter"
+        adapter_dir = self.output_dir / ADAPTER_DIR
         config_file = adapter_dir / CONFIG_FILE
         config = json.loads(config_file.read_text()) if config_file.is_file() else {"adapter": self.job.adapter}
         with self.db.session() as session:
@@ -184,4 +184,4 @@ class _Run:
 
     def _drop_checkpoints(self) -> None:
         # Checkpoints (optimizer state included) only serve a resume; an ended job has none.
-        shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(self.output_dir / CHECKPOINTS, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The adapter folder: ``save``, ``load``, its tensor names and the base model's fingerprint.
 
-The adapter folder is a documented format (DESIGN.md section 3): ``adapter_config.json`` holds
+The adapter folder is a documented format (docs/design.md section 3): ``adapter_config.json`` holds
 the `AdapterConfig`, the base model's name and fingerprint and the library version;
 ``adapter_model.safetensors`` holds, for each adapted module path ``P``, ``P.lora_A``,
 ``P.lora_B``, ``P.router`` (not for lora), ``P.lora_A0`` and ``P.lora_B0`` (only when the heads

@@ -2,7 +2,7 @@
 
 One class serves every method of the paper and both ablations; `AdapterConfig` decides which
 parts exist (router, frozen init correction) and where dropout goes (on the input, or per head
-on the rank-r intermediate). DESIGN.md section 1 gives the formulas; the forward pass below is
+on the rank-r intermediate). docs/design.md section 1 gives the formulas; the forward pass below is
 the fused form: one matmul for everything that reads ``x``, one for everything that writes the
 output, no loop over heads.
 """

@@ -26,6 +26,9 @@ from ..adapter.folder import adapter_state_dict, load_adapter_state_dict
 from ..data import MixtureSampler
 from .config import TrainConfig
 
+# What a run writes into its output_dir: the adapter folder, metrics.json and checkpoints/.
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
 _DIFFERENT_RUN = (

@@ -41,6 +41,8 @@ from ..data import (
     steps_for_epochs,
 )
 from .checkpoint import (
+    ADAPTER_DIR,
+    METRICS_FILE,
     TrainState,
     different_run_error,
     latest_checkpoint,
@@ -90,8 +92,8 @@ def train(
     output_dir.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda kind, data: None)
     run_id = run_fingerprint(config)
-    if (output_dir / "metrics.json").exists() and (output_dir / "adapter").exists():
-        finished = json.loads((output_dir / "metrics.json").read_text())
+    if (output_dir / METRICS_FILE).exists() and (output_dir / ADAPTER_DIR).exists():
+        finished = json.loads((output_dir / METRICS_FILE).read_text())
         if finished.get("run") != run_id:
             raise different_run_error(output_dir, "a finished run")
         return finished
@@ -205,8 +207,8 @@ def train(
         "skipped_examples": state.skipped_examples,
         "peak_memory_bytes": _peak_memory(device),
     }
-    save(model, output_dir / "adapter", base_model_name=config.base_model)
-    write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    save(model, output_dir / ADAPTER_DIR, base_model_name=config.base_model)
+    write_atomically(output_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rlora.data import lone_surrogate
+
 from service.problems import validation_problems
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,8 @@ def invalid_fields(details: list[dict[str, Any]]) -> APIError:
 
 def _lone_surrogate(value: Any, path: str) -> tuple[str, str] | None:
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            return path, value[err.start]
-        return None
+        index = lone_surrogate(value)
+        return None if index is None else (path, value[index])
     if isinstance(value, dict):
         for key, item in value.items():
             found = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}" if path else str(key))
