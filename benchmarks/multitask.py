@@ -21,7 +21,7 @@ What it does:
      in our tries);
   3. trains `lora` (one head, rank chosen so its trainable-parameter count matches R-LoRA's:
      the paper's "LoRA*2"), `hydralora` and `rlora` with the same steps, learning rate, alpha/r,
-     data and seeds, through `rlora.train.train`;
+     data and seeds, through `rlora.train`;
   4. prints a markdown table: exact-match accuracy per task by greedy generation on held-out
      prompts, the mean over tasks, and head similarity (mean over adapted layers), each as
      mean ± sample standard deviation over seeds. A seed changes the adapter initialisation,
@@ -191,7 +191,7 @@ def adapter_configs(base_path: Path, args) -> dict[str, dict]:
 def run_one(base_path: Path, mixture: list[dict], adapter: dict, seed: int, args, work_dir: Path) -> dict:
     """Train one adapter; return ``{"eval": {task: {"accuracy", "loss"}}, "head_similarity":
     {"mean"}, "trainable_parameters", "seconds"}`` (the trainer's metrics)."""
-    from rlora.train import TrainConfig, train
+    from rlora.training import TrainConfig, train
 
     config = TrainConfig(
         base_model=str(base_path),
@@ -214,8 +214,8 @@ def base_accuracy(base_path: Path, mixture: list[dict], args) -> dict[str, float
     """Exact match of the pretrained base model itself (no adapter) on each task."""
     from rlora.basemodels import load_base_model
     from rlora.data import MixtureSource, load_dataset
-    from rlora.train import TrainingSettings
-    from rlora.train.evaluate import evaluate
+    from rlora.training import TrainingSettings
+    from rlora.training.evaluate import evaluate
 
     model, tokenizer = load_base_model(base_path)
     model.eval()

@@ -62,3 +62,11 @@ def load_base_model(path: str | os.PathLike, *, dtype=None, device=None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """Every token that ends a generation: the tokenizer's eos and the model's generation
+    config's (chat models often add an end-of-turn token there)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, (list, tuple)) else [configured]
+    return frozenset(i for i in [*ids, tokenizer.eos_token_id] if isinstance(i, int))

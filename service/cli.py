@@ -69,7 +69,7 @@ def _train(settings: Settings, config_path: str) -> int:
     from tqdm import tqdm
     from transformers.utils import logging as transformers_logging
 
-    from rlora.train import Progress, read_train_config, train
+    from rlora.training import Progress, read_train_config, train
 
     transformers_logging.disable_progress_bar()  # ours is the one progress bar
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from rlora.train.config import field_path as format_location
+from rlora.training.config import field_path as format_location
 
 # FastAPI locates a request's errors in a part of the request first; a field's path starts after it.
 _REQUEST_PARTS = ("body", "query", "path", "header")

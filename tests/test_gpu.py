@@ -33,7 +33,7 @@ def test_bfloat16_model_on_cuda_starts_at_base_and_trains(variant, tiny_model_pa
 def test_trainer_runs_on_cuda_in_bfloat16(tmp_path, tiny_model_path):
     import json
 
-    from rlora.train import TrainConfig, train
+    from rlora.training import TrainConfig, train
 
     data = tmp_path / "ok.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"say ok {i}", "completion": "ok"}) + "\n" for i in range(40)))

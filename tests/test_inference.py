@@ -313,6 +313,12 @@ def test_limits_and_bad_parameters_raise_validation_errors(workdir, model_dir):
         assert field_of("x", truncate=17) == "truncate"
         assert field_of("x", seed=-1) == "seed"
         assert field_of("x", bogus=1) == "parameters"
+        # Python callers hand plain dicts: wrong types are this request's error, found up front.
+        assert field_of("x", temperature="hot") == "temperature"
+        assert field_of("x", top_k=True) == "top_k"
+        assert field_of("x", do_sample="yes") == "do_sample"
+        assert field_of("x", stop=[b"ab"]) == "stop"
+        assert field_of("x", stop=5) == "stop"
         # truncate makes a long prompt fit; the default max_new_tokens is capped by the total.
         result = small.generate("x" * 40, {"truncate": 16, "details": True}, base_model="tiny")
         assert result.prompt_tokens == 16 and result.generated_tokens <= 24 - 16

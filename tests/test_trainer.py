@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlora.train import Progress, TrainConfig, TrainingCancelled, read_train_config, train
-from rlora.train.checkpoint import latest_checkpoint
+from rlora.training import Progress, TrainConfig, TrainingCancelled, read_train_config, train
+from rlora.training.checkpoint import latest_checkpoint
 from service.cli import main as rlora_command
 
 

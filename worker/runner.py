@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from rlora.adapter.folder import CONFIG_FILE
-from rlora.train import Progress, TrainConfig, TrainingCancelled, train
-from rlora.train.checkpoint import ADAPTER_DIR, CHECKPOINTS
+from rlora.training import Progress, TrainConfig, TrainingCancelled, train
+from rlora.training.checkpoint import ADAPTER_DIR, CHECKPOINTS
 from service.db import Database
 from service.jobs import states
 from service.jobs.requests import mixture_file_ids, tenant_files, train_config

@@ -1,26 +1,15 @@
 """The adapter: its config, the `RLoRALinear` layer, attaching it, its folder format and its
-diagnostics (head similarity and routing)."""
+diagnostics (head similarity and routing). Names are imported on first use: checking a config
+needs no torch."""
 
-from .attach import adapter_layers, attach, trainable_parameters
-from .config import VARIANTS, AdapterConfig, AdapterConfigError
-from .diagnostics import head_similarity, record_routing, routing_summary
-from .folder import AdapterMismatchError, base_model_fingerprint, load, read_adapter_config, save
-from .layer import RLoRALinear
+from .._exports import lazy_exports
 
-__all__ = [
-    "VARIANTS",
-    "AdapterConfig",
-    "AdapterConfigError",
-    "AdapterMismatchError",
-    "RLoRALinear",
-    "adapter_layers",
-    "attach",
-    "base_model_fingerprint",
-    "head_similarity",
-    "load",
-    "read_adapter_config",
-    "record_routing",
-    "routing_summary",
-    "save",
-    "trainable_parameters",
-]
+_EXPORTS = {
+    **dict.fromkeys(["adapter_layers", "attach", "trainable_parameters"], ".inject"),
+    **dict.fromkeys(["VARIANTS", "AdapterConfig", "AdapterConfigError"], ".config"),
+    **dict.fromkeys(["head_similarity", "record_routing", "routing_summary"], ".diagnostics"),
+    **dict.fromkeys(["AdapterMismatchError", "base_model_fingerprint", "load", "read_adapter_config", "save"], ".folder"),
+    "RLoRALinear": ".layer",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .layer import RLoRALinear
-from .attach import adapter_layers
+from .inject import adapter_layers
 
 
 def head_similarity(model: nn.Module) -> dict:
@@ -65,8 +65,8 @@ class RoutingRecorder:
         self._tokens[layer] = self._tokens.get(layer, 0) + flat.shape[0]
 
     def summary(self, names: dict[RLoRALinear, str]) -> dict:
-        """`summarize_routing` of what was recorded, layers named by ``names``."""
-        return summarize_routing(
+        """`routing_from_totals` of what was recorded, layers named by ``names``."""
+        return routing_from_totals(
             {names[layer]: (self._weight_sums[layer], self._entropy_sums[layer], count) for layer, count in self._tokens.items()}
         )
 
@@ -76,7 +76,7 @@ def routing_entropy(weights: torch.Tensor) -> torch.Tensor:
     return -(weights * weights.clamp_min(1e-12).log()).sum(-1)
 
 
-def summarize_routing(totals: Mapping[str, tuple[torch.Tensor, float, int]]) -> dict:
+def routing_from_totals(totals: Mapping[str, tuple[torch.Tensor, float, int]]) -> dict:
     """The routing report from per-layer totals ``name -> (head weight sums (N,), entropy sum,
     tokens)``: per layer the mean weight of each head and the mean routing entropy (nats; at
     most ``max_entropy`` = ln N), and the mean entropy over layers. Layers without tokens are

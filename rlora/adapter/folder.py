@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .attach import adapter_layers, attach, config_of, device_of
+from .inject import adapter_layers, attach, config_of, device_of
 from .config import AdapterConfig
 
 CONFIG_FILE = "adapter_config.json"

@@ -1,36 +1,19 @@
 """The dataset layer: reading and validating records (`records`), the task mixture (`mixture`),
 and tokenization with answer-only labels (`tokenize`). Nothing here knows about HTTP, Celery
-or the database."""
+or the database. Names are imported on first use: checking a file needs no torch."""
 
-from .mixture import MixtureSampler, MixtureSource, split_validation, steps_for_epochs
-from .records import (
-    IGNORE_INDEX,
-    DatasetSummary,
-    DatasetValidationError,
-    Example,
-    RecordError,
-    load_dataset,
-    lone_surrogate,
-    validate_dataset,
-)
-from .tokenize import Collator, encode_example, left_pad, prompt_ids, with_bos
+from .._exports import lazy_exports
 
-__all__ = [
-    "IGNORE_INDEX",
-    "Collator",
-    "DatasetSummary",
-    "DatasetValidationError",
-    "Example",
-    "MixtureSampler",
-    "MixtureSource",
-    "RecordError",
-    "encode_example",
-    "left_pad",
-    "load_dataset",
-    "lone_surrogate",
-    "prompt_ids",
-    "split_validation",
-    "steps_for_epochs",
-    "validate_dataset",
-    "with_bos",
-]
+_EXPORTS = {
+    **dict.fromkeys(["MixtureSampler", "MixtureSource", "split_validation", "steps_for_epochs"], ".mixture"),
+    **dict.fromkeys(
+        ["DatasetSummary", "DatasetValidationError", "Example", "RecordError", "load_dataset", "lone_surrogate",
+         "validate_dataset"],
+        ".records",
+    ),
+    **dict.fromkeys(
+        ["IGNORE_INDEX", "Collator", "encode_example", "left_pad", "prompt_ids", "with_bos"], ".tokenize"
+    ),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

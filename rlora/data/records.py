@@ -20,7 +20,6 @@ from typing import Any, BinaryIO
 SHAPES = ("prompt_completion", "alpaca", "chat")
 CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_TASK = "default"  # summary key for records without a task
-IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy (and HF models) skip
 
 _SHOWN_ERRORS = 20
 _JSON_WHITESPACE = b" \t\r\n"

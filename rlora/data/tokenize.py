@@ -6,7 +6,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .records import IGNORE_INDEX, Example
+from .records import Example
+
+IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy (and HF models) skip
 
 # Every example is tokenized as a conversation: prompt/completion and Alpaca records become
 # [user: prompt, assistant: answer]. With a chat template the tokenizer's template renders it;
@@ -51,10 +53,16 @@ def prompt_ids(tokenizer: Any, example: Example, max_len: int | None = None) -> 
     the answer. Over ``max_len``, the oldest tokens after bos are dropped."""
     context = _conversation(example)[:-1]
     ids = with_bos(tokenizer, _token_ids(tokenizer, _render(tokenizer, context, add_generation_prompt=True)))
-    if max_len is not None and len(ids) > max_len:
-        head = _bos_count(tokenizer, ids)
-        ids = ids[:head] + ids[len(ids) - max(max_len - head, 0) :]
-    return ids
+    return ids if max_len is None else keep_last(tokenizer, ids, max_len)
+
+
+def keep_last(tokenizer: Any, ids: Sequence[int], max_len: int) -> list[int]:
+    """The last ``max_len`` of ``ids``, the leading bos (if any) kept first among them: the
+    model always saw bos first, and the newest context matters most for what comes next."""
+    if len(ids) <= max_len:
+        return list(ids)
+    head = _bos_count(tokenizer, ids)
+    return list(ids[:head]) + list(ids[len(ids) - max(max_len - head, 0) :])
 
 
 def with_bos(tokenizer: Any, ids: Sequence[int]) -> list[int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..adapter.attach import is_target
+from ..adapter.inject import is_target
 from ..adapter.config import AdapterConfig
 from ..adapter.folder import WEIGHTS_FILE, AdapterMismatchError, check_base_model, is_adapter_folder, read_adapter_config
 

@@ -35,8 +35,8 @@ class InferenceEngine:
     def __init__(
         self,
         *,
-        cache_dir: str | os.PathLike,
         models_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
         adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -44,7 +44,7 @@ class InferenceEngine:
         default_base_model: str | None = None,
     ):
         self.models_dir = models_dir
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = cache_dir
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
         self.limits = limits or Limits()

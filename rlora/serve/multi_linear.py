@@ -206,7 +206,7 @@ class BatchPlans:
 
     A row has ``adapter`` (a `LoadedAdapter` or None) and ``wants_routing``; a row that wants
     routing also has ``routing``, its totals per layer path: ``[head weight sums, entropy sum,
-    tokens]`` (what `rlora.adapter.diagnostics.summarize_routing` reports on)."""
+    tokens]`` (what `rlora.adapter.diagnostics.routing_from_totals` reports on)."""
 
     def __init__(self, layers: dict[str, MultiAdapterLinear], linear_shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype):
         self.layers = layers

@@ -3,8 +3,10 @@ validation error the HTTP layer maps to 422.
 
 Field names and semantics follow text-generation-inference (TGI): sampling is on when
 ``do_sample`` is true *or* any warper is set (``temperature`` != 1, ``top_k``, ``top_p`` < 1),
-as TGI's ``NextTokenChooser`` does; the stop text is kept in ``generated_text``. Values are
-checked here, types are not: the caller's schema checks those (the service's request models).
+as TGI's ``NextTokenChooser`` does; the stop text is kept in ``generated_text``. Types and
+values are checked here, since Python callers hand the engine plain dicts: a bad value must be
+this request's `GenerationValidationError`, never an error inside the shared decode loop. (The
+service's wire schema checks types too, to answer in its clients' error shape.)
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class GenerationParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         elif self.stop is None:
             object.__setattr__(self, "stop", ())
+        elif not isinstance(self.stop, tuple):
+            raise GenerationValidationError("stop", f"`stop` must be a list of strings, got {self.stop!r}")
         self._validate()
 
     @property
@@ -99,10 +103,26 @@ class GenerationParams:
         )
 
     def _validate(self) -> None:
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            value = getattr(self, name)
+        def number(name, value):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise GenerationValidationError(name, f"`{name}` must be a number, got {value!r}")
             if value is not None and not _finite(value):
                 raise GenerationValidationError(name, f"`{name}` must be a finite number, got {value!r}")
+
+        def integer(name, value):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise GenerationValidationError(name, f"`{name}` must be an integer, got {value!r}")
+
+        def boolean(name, value):
+            if not isinstance(value, bool):
+                raise GenerationValidationError(name, f"`{name}` must be true or false, got {value!r}")
+
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            number(name, getattr(self, name))
+        for name in ("max_new_tokens", "top_k", "seed", "truncate"):
+            integer(name, getattr(self, name))
+        for name in ("do_sample", "ignore_eos_token", "return_full_text", "details", "decoder_input_details"):
+            boolean(name, getattr(self, name))
         if self.temperature is not None and not self.temperature > 0:
             raise GenerationValidationError("temperature", "`temperature` must be strictly positive")
         if self.top_k is not None and self.top_k <= 0:
@@ -117,7 +137,7 @@ class GenerationParams:
             raise GenerationValidationError("truncate", "`truncate` must be strictly positive")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise GenerationValidationError("seed", f"`seed` must be in 0..{MAX_SEED}")
-        if not all(self.stop):
+        if not all(isinstance(s, str) and s for s in self.stop):
             raise GenerationValidationError("stop", "`stop` must be a list of non-empty strings")
 
     def check_limits(self, limits: Limits) -> None:
@@ -152,7 +172,7 @@ class Token:
 @dataclass
 class GenerationResult:
     """The outcome of one request, with everything TGI's ``details`` holds, plus ``routing``
-    (`rlora.adapter.diagnostics.summarize_routing` of the request's tokens, with ``details``;
+    (`rlora.adapter.diagnostics.routing_from_totals` of the request's tokens, with ``details``;
     None without a router). ``finish_reason``: ``length``, ``eos_token`` or ``stop_sequence``."""
 
     generated_text: str

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..adapter.diagnostics import summarize_routing
+from ..adapter.diagnostics import routing_from_totals
 from .adapters import LoadedAdapter
 from .detokenize import IncrementalDecoder
 from .handle import RequestHandle
@@ -72,7 +72,7 @@ class ActiveRequest:
             seed=self.chooser.seed,
             tokens=self.tokens,
             prefill=self.prefill,
-            routing=summarize_routing(self.routing) if self.wants_routing else None,
+            routing=routing_from_totals(self.routing) if self.wants_routing else None,
             adapter_id=self.adapter.adapter_id if self.adapter else None,
         )
         self.handle._emit(StreamEvent(index=len(self.generated), token=self.tokens[-1], generated_text=text, result=result))

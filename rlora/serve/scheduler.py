@@ -22,7 +22,8 @@ import torch
 from transformers import DynamicCache
 
 from ..adapter.folder import base_model_fingerprint
-from ..data.tokenize import left_pad, with_bos
+from ..basemodels import eos_token_ids
+from ..data.tokenize import keep_last, left_pad, with_bos
 from .adapters import LoadedAdapter
 from .batch import RunningBatch, additive_mask, prefill_mask, prefill_positions
 from .detokenize import IncrementalDecoder
@@ -55,13 +56,7 @@ class BaseModelRunner:
         config = model.config
         self.limits = limits.resolved(getattr(config, "max_position_embeddings", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        eos = set()
-        for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-            if isinstance(source, int):
-                eos.add(source)
-            elif isinstance(source, (list, tuple)):
-                eos.update(source)
-        self.eos_ids = frozenset(eos)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -99,11 +94,8 @@ class BaseModelRunner:
                 raise GenerationValidationError("inputs", f"token ids must be in 0..{vocab - 1}")
             with self._tokenizer_lock:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if params.truncate is not None and len(ids) > params.truncate:
-            # Keep the last `truncate` tokens, bos included when the prompt starts with it.
-            head = 1 if ids and ids[0] == self.tokenizer.bos_token_id else 0
-            keep = params.truncate - head
-            ids = ids[:head] + (ids[len(ids) - keep :] if keep > 0 else [])
+        if params.truncate is not None:
+            ids = keep_last(self.tokenizer, ids, params.truncate)
         return ids, text
 
     def submit(self, inputs: str | Sequence[int], params: GenerationParams, adapter: LoadedAdapter | None) -> RequestHandle:

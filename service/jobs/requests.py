@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from rlora.adapter.config import AdapterConfig, AdapterConfigError
 from rlora.basemodels import list_base_models
-from rlora.train.config import MixtureEntry, TrainConfig, TrainingSettings
+from rlora.training.config import MixtureEntry, TrainConfig, TrainingSettings
 from service.ids import could_exist
 from service.jobs.queue import queue_for
 from service.jobs.states import Status

@@ -65,7 +65,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    base_model: str = Field(min_length=1, description="'tiny', a folder under RLORA_MODELS_DIR, or a path")
+    base_model: str = Field(min_length=1, description="'tiny', a folder under the models directory (the service's RLORA_MODELS_DIR), or a path")
     mixture: list[MixtureEntry] = Field(min_length=1, max_length=64)
     adapter: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     training: TrainingSettings = Field(default_factory=TrainingSettings)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX, Collator, Example, MixtureSource, encode_example, left_pad, prompt_ids
+from ..basemodels import eos_token_ids
 from .config import TrainingSettings
 
 
@@ -82,7 +83,7 @@ def generate_greedy(model, tokenizer, examples: list[Example], settings: Trainin
         max_new_tokens=settings.eval_max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=_stop_ids(model, tokenizer),
+        eos_token_id=sorted(eos_token_ids(model, tokenizer)),
     )
     return tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
 
@@ -103,12 +104,6 @@ def _encodable(tokenizer, examples: list[Example], settings: TrainingSettings) -
             continue
         kept.append(example)
     return kept, features, len(examples) - len(kept)
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

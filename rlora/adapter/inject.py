@@ -1,4 +1,4 @@
-"""Attaching adapters to a model: wrapping its target linear layers in `RLoRALinear`."""
+"""Attaching adapters to a model (`attach`): wrapping its target linear layers in `RLoRALinear`."""
 
 from __future__ import annotations
 
