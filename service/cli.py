@@ -16,7 +16,10 @@ from service.settings import Settings, get_settings
 
 log = logging.getLogger("rlora")
 
-WORKER_STOP_SECONDS = 10
+# A stopping worker gives its job back at the trainer's next check (one step, or one
+# evaluation batch); loading a model can take longer, and a killed worker's job waits for
+# the heartbeat timeout instead.
+WORKER_STOP_SECONDS = 60
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,9 +209,9 @@ class _WorkerProcess:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        # Celery's warm shutdown would wait for the running job to finish; a cold one stops
-        # it now, and the job resumes from its checkpoint on the next start.
-        process.send_signal(signal.SIGQUIT)
+        # The worker's warm shutdown (worker.app): its running job goes back to the queue at
+        # once and resumes from its checkpoint on the next start.
+        process.send_signal(signal.SIGTERM)
         try:
             process.wait(WORKER_STOP_SECONDS)
         except subprocess.TimeoutExpired:

@@ -52,6 +52,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("tn"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When a job of this tenant last started: a free worker serves the tenant served least
+    # recently (service.jobs.scheduling), and this row is the lock around a tenant's limits.
+    last_started_at: Mapped[datetime | None]
 
 
 class ApiKey(Base):

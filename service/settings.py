@@ -34,7 +34,6 @@ class Settings(BaseSettings):
     progress_interval: float = Field(2.0, gt=0, description="least time between progress writes")
     heartbeat_interval: float = Field(10.0, gt=0)
     heartbeat_timeout: float = Field(120.0, gt=0, description="a running job silent this long is presumed lost")
-    requeue_after: float = Field(600.0, gt=0, description="a queued job not picked up is sent again")
     reconcile_interval: float = Field(30.0, gt=0)
 
     # Inference (/generate): one engine per API process, base models loaded on first use.
@@ -45,6 +44,10 @@ class Settings(BaseSettings):
     max_total_tokens: int | None = Field(None, ge=2, description="prompt + new tokens; default: the model's context length")
     max_new_tokens: int = Field(2048, ge=1, description="the most a request may ask for")
     max_batch_size: int = Field(64, ge=1, description="requests decoded together per base model")
+
+    # Scheduling: the broker carries one token per startable job; the database picks the job.
+    max_running_jobs_per_tenant: int = Field(4, ge=1, description="a tenant's jobs running at once; the rest wait")
+    queue_check_interval: float = Field(3.0, gt=0, description="seconds between comparisons of broker tokens with startable jobs")
 
     @model_validator(mode="after")
     def _heartbeat_fits(self) -> "Settings":

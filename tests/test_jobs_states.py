@@ -71,8 +71,8 @@ def test_a_worker_writes_to_a_running_job_only_while_it_holds_the_attempt(client
 
         states.cancel(session, job)
         assert states.run_state(session, job_id, attempt) == states.RunState(owned=True, cancel_requested=True)
-        session.refresh(job)  # as the reconciler reads it
-        assert states.requeue_lost(session, job, "test") == Status.CANCELLED
+        assert states.requeue(session, job, attempt + 1, "test") is None, "not the attempt that holds the job"
+        assert states.requeue(session, job, attempt, "test") == Status.CANCELLED
         assert states.run_state(session, job_id, attempt).owned is False
         assert not states.touch_running(session, job, attempt, ("progress", {"step": 2}), step=2), "the job moved on"
         assert not states.finish(session, job, attempt, Status.SUCCEEDED, {}), "a stale worker cannot end it again"

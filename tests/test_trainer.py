@@ -146,6 +146,21 @@ def test_should_stop_cancels_within_a_step(datasets, tmp_path, tiny_model_path):
     assert not (tmp_path / "out" / "adapter").exists()
 
 
+def test_should_stop_is_honoured_during_the_final_evaluation(datasets, tmp_path, tiny_model_path):
+    events, checks_after_training = [], []
+
+    def should_stop() -> bool:
+        if events and events[-1] == ("checkpoint", 2):  # the last step is done: evaluating now
+            checks_after_training.append(True)
+        return len(checks_after_training) >= 2  # the first batch evaluated, then stop
+
+    with pytest.raises(TrainingCancelled, match="stopped at step 2 of 2 while evaluating"):
+        run(make_config(datasets, tmp_path / "out", max_steps=2, checkpoint_every=2), tiny_model_path,
+            on_event=lambda kind, data: events.append((kind, data.get("step"))), should_stop=should_stop)
+    assert "eval" not in [kind for kind, _ in events]
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(datasets, tmp_path, tiny_model_path):
     def final(output, **settings):
         config = make_config(datasets, tmp_path / output, max_steps=3, **settings)

@@ -8,102 +8,23 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
-import shutil
 import signal
-import subprocess
 import zipfile
 
 import pytest
 import redis
-from conftest_service import (
-    REDIS_URL,
-    REPO,
-    dataset,
-    fresh_postgres_database,
-    job_body,
-    make_settings,
-    rlora_command,
-    service_env,
-    stop_process,
-    upload,
-    wait_for,
-)
-from fastapi.testclient import TestClient
-from sqlalchemy import select
-
-from service.api.app import create_app
-from service.api.auth import create_tenant
-from service.models import JobEvent
-
-TIMING = dict(progress_interval=0.2, heartbeat_interval=0.5, heartbeat_timeout=4, reconcile_interval=1, requeue_after=600)
-
-
-class WorkerEnv:
-    """One database, home and set of queues, and the worker processes started on them."""
-
-    def __init__(self, settings, client, headers, log_dir):
-        self.settings = settings
-        self.client = client
-        self.headers = headers
-        self.log_dir = log_dir
-        self.processes: list[subprocess.Popen] = []
-
-    def start_worker(self) -> subprocess.Popen:
-        s = self.settings
-        env = service_env(home=s.home, database_url=s.database_url, broker_url=s.broker_url, queue_prefix=s.queue_prefix, **TIMING)
-        log = open(self.log_dir / f"worker-{len(self.processes)}.log", "wb")
-        process = subprocess.Popen(
-            rlora_command("worker", "--queues", "cpu"), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.processes.append(process)
-        return process
-
-    def submit(self, **training) -> str:
-        file_id = upload(self.client, self.headers, dataset(40)).json()["id"]
-        response = self.client.post("/v1/jobs", headers=self.headers, json=job_body(file_id, **training))
-        assert response.status_code == 201, response.text
-        return response.json()["id"]
-
-    def job(self, job_id: str) -> dict:
-        return self.client.get(f"/v1/jobs/{job_id}", headers=self.headers).json()
-
-    def events(self, job_id: str) -> list[dict]:
-        return self.client.get(f"/v1/jobs/{job_id}/events", headers=self.headers, params={"limit": 100}).json()["data"]
-
-    def has_event(self, job_id: str, kind: str) -> bool:
-        with self.client.app.state.db.session() as session:
-            return session.scalar(select(JobEvent.id).where(JobEvent.job_id == job_id, JobEvent.kind == kind).limit(1)) is not None
-
-    def wait_status(self, job_id: str, statuses: set[str], timeout: float) -> dict:
-        job = wait_for(lambda: (j := self.job(job_id))["status"] in statuses and j, timeout, 0.3, f"job {job_id} to be {statuses}")
-        return job
-
-    def logs(self) -> str:
-        return "\n".join(path.read_text(errors="replace")[-3000:] for path in sorted(self.log_dir.glob("worker-*.log")))
+import torch
+from conftest_service import REDIS_URL, dataset, job_body, stop_process, upload, wait_for
+from queue_support import worker_environment
 
 
 @pytest.fixture(scope="module")
 def worker_env(tmp_path_factory, tiny_model_path):
-    home = tmp_path_factory.mktemp("worker-home")
-    # The tiny base model, built once per test session, where the worker looks for it.
-    shutil.copytree(tiny_model_path, home / "models" / "tiny")
-    prefix = f"rlora-test-{secrets.token_hex(4)}"
-    with fresh_postgres_database() as url:
-        settings = make_settings(home, url, broker_url=f"{REDIS_URL}/0", queue_prefix=prefix, **TIMING)
-        app = create_app(settings)
-        with TestClient(app) as client:
-            with app.state.db.session() as session:
-                _, key = create_tenant(session, "worker-tests")
-            env = WorkerEnv(settings, client, {"Authorization": f"Bearer {key}"}, tmp_path_factory.mktemp("worker-logs"))
-            try:
-                yield env
-            finally:
-                for process in env.processes:
-                    stop_process(process)
-                connection = redis.Redis.from_url(settings.broker_url)
-                for key in connection.scan_iter(f"*{prefix}*"):
-                    connection.delete(key)
+    with worker_environment(tmp_path_factory, tiny_model_path, f"{REDIS_URL}/0") as env:
+        yield env
+        connection = redis.Redis.from_url(env.settings.broker_url)
+        for key in connection.scan_iter(f"*{env.settings.queue_prefix}*"):
+            connection.delete(key)
 
 
 @pytest.fixture
@@ -180,3 +101,64 @@ def test_a_killed_worker_is_replaced_and_the_job_resumes(worker_env):
     assert len(resumed) == 1 and resumed[0]["data"]["step"] >= 2, "the second attempt started from a checkpoint"
     loss_steps = [point["step"] for point in job["metrics"]["train_loss"]]
     assert loss_steps == list(range(1, 61))
+
+
+def adapter_tensors(env, job: dict) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(env.settings.jobs_dir / job["id"] / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_job(worker_env) -> dict:
+    """The job the shutdown tests interrupt, run once without interruption."""
+    process = worker_env.start_worker()
+    try:
+        job = worker_env.wait_status(worker_env.submit(**INTERRUPTED), {"succeeded", "failed", "cancelled"}, 240)
+    finally:
+        stop_process(process)
+    assert job["status"] == "succeeded", (job, worker_env.logs())
+    return job
+
+
+INTERRUPTED = dict(max_steps=30, checkpoint_every=2)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGQUIT])
+def test_a_stopped_worker_gives_its_job_back_at_once(worker_env, uninterrupted_job, stop_signal):
+    first = worker_env.start_worker()
+    job_id = worker_env.submit(**INTERRUPTED)
+    wait_for(lambda: worker_env.has_event(job_id, "checkpoint"), 180, 0.02, "the first checkpoint")
+    first.send_signal(stop_signal)
+    job = worker_env.wait_status(job_id, {"queued", "failed", "succeeded", "cancelled"}, 15)
+    assert job["status"] == "queued" and job["error"] is None, (job, worker_env.logs())
+    # Given back by the worker itself (it beats until then), not requeued by a heartbeat timeout.
+    requeued = [e for e in worker_env.events(job_id) if e["kind"] == "requeued"]
+    assert [e["data"]["reason"] for e in requeued] == ["the worker shut down"]
+    assert first.wait(60) == 0, worker_env.logs()
+    assert "NotImplementedError" not in worker_env.logs()
+
+    second = worker_env.start_worker()
+    try:
+        job = worker_env.wait_status(job_id, {"succeeded", "failed", "cancelled"}, 240)
+    finally:
+        stop_process(second)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, (job, worker_env.logs())
+    assert [e["data"]["step"] for e in worker_env.events(job_id) if e["kind"] == "resumed"][0] >= 2
+    expected, resumed = adapter_tensors(worker_env, uninterrupted_job), adapter_tensors(worker_env, job)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected), "resumed = uninterrupted"
+
+
+def test_a_cancel_during_the_final_evaluation_ends_the_job_cancelled(worker_env, worker):
+    # Two steps, then a long evaluation: 60 validation examples, greedy answers of 48 tokens.
+    file_id = upload(worker_env.client, worker_env.headers, dataset(600)).json()["id"]
+    body = job_body(file_id, max_steps=2, eval_max_examples=100, eval_max_new_tokens=48)
+    job_id = worker_env.client.post("/v1/jobs", headers=worker_env.headers, json=body).json()["id"]
+    wait_for(lambda: (worker_env.job(job_id)["progress"] or {}).get("step") == 2, 180, 0.05, "the last training step")
+    response = worker_env.client.post(f"/v1/jobs/{job_id}/cancel", headers=worker_env.headers).json()
+    assert response["status"] == "running" and response["cancel_requested"], response
+    job = worker_env.wait_status(job_id, {"succeeded", "failed", "cancelled"}, 60)
+    assert job["status"] == "cancelled" and job["adapter_id"] is None, (job, worker_env.logs())
+    assert "eval" not in [e["kind"] for e in worker_env.events(job_id)], "stopped inside the evaluation"
+    assert not (worker_env.settings.jobs_dir / job_id).exists()

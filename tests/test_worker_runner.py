@@ -1,33 +1,28 @@
 """The reconciler and the job runner in-process, against SQLite and PostgreSQL.
 
-The broker is the embedded (filesystem) one of the API test settings; no worker consumes it,
-so the messages the reconciler sends can be read back from its folder.
+The broker is the embedded (filesystem) one; no worker consumes it, so the tokens sent can be
+counted in its folder. Each test has queues of its own (queue_support.queue_client).
 """
 
 from __future__ import annotations
 
+import shutil
+import threading
 from datetime import timedelta
 
 from conftest_service import dataset, submit_job, upload
+from queue_support import queue_client, queued_jobs, tenant_headers, tokens  # noqa: F401 - queue_client is a fixture
 from sqlalchemy import update
 
 from service.jobs import states
+from service.jobs.reconciler import reconcile, top_up
 from service.jobs.states import Status
-from service.models import Job, utcnow
 from service.jobs.storage import blob_path
-from worker.reconciler import reconcile
+from service.models import Job, utcnow
 
 
-def submit(client, headers, content=None) -> str:
-    return submit_job(client, headers, upload(client, headers, content or dataset()).json()["id"])["id"]
-
-
-def messages_for(settings, job_id: str) -> int:
-    return sum(job_id in path.read_text(errors="replace") for path in (settings.broker_dir / "messages").iterdir())
-
-
-def set_job(app, job_id: str, **values) -> None:
-    with app.state.db.session() as session:
+def set_job(client, job_id: str, **values) -> None:
+    with client.app.state.db.session() as session:
         session.execute(update(Job).where(Job.id == job_id).values(**values))
         session.commit()
 
@@ -36,63 +31,97 @@ def kinds(client, headers, job_id) -> list[str]:
     return [e["kind"] for e in client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()["data"]]
 
 
-def test_a_running_job_with_a_stale_heartbeat_is_queued_again(client, new_tenant, app, service_settings):
-    headers = new_tenant()
-    job_id = submit(client, headers)
-    with app.state.db.session() as session:
-        attempt = states.claim(session, job_id, "lost-worker")
-    reconcile(service_settings, app.state.db, app.state.celery)
-    assert client.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"] == "running", "heartbeat is fresh"
+def reconcile_once(client) -> dict[str, int]:
+    state = client.app.state
+    return reconcile(state.settings, state.db, state.celery)
 
-    set_job(app, job_id, heartbeat_at=utcnow() - timedelta(seconds=service_settings.heartbeat_timeout + 1))
-    sent_before = messages_for(service_settings, job_id)
-    reconcile(service_settings, app.state.db, app.state.celery)
-    job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+
+def test_a_running_job_with_a_stale_heartbeat_is_queued_again_with_a_token(queue_client):
+    headers = tenant_headers(queue_client)
+    (job_id,) = queued_jobs(queue_client, headers, 1)
+    with queue_client.app.state.db.session() as session:
+        attempt = states.claim(session, job_id, "lost-worker")
+    shutil.rmtree(queue_client.app.state.settings.broker_dir / "messages")  # the token was taken
+    (queue_client.app.state.settings.broker_dir / "messages").mkdir()
+    assert reconcile_once(queue_client) == {"requeued": 0, "cancelled": 0, "sent": 0}, "heartbeat is fresh"
+
+    timeout = queue_client.app.state.settings.heartbeat_timeout
+    set_job(queue_client, job_id, heartbeat_at=utcnow() - timedelta(seconds=timeout + 1))
+    assert reconcile_once(queue_client) == {"requeued": 1, "cancelled": 0, "sent": 1}
+    job = queue_client.get(f"/v1/jobs/{job_id}", headers=headers).json()
     assert job["status"] == "queued" and job["attempt"] == attempt
-    assert kinds(client, headers, job_id)[-1] == "requeued"
-    assert messages_for(service_settings, job_id) == sent_before + 1
-    with app.state.db.session() as session:
+    assert kinds(queue_client, headers, job_id)[-1] == "requeued"
+    assert tokens(queue_client) == 1
+    with queue_client.app.state.db.session() as session:
         assert states.claim(session, job_id, "next-worker") == attempt + 1
 
 
-def test_a_lost_job_that_was_being_cancelled_ends_cancelled(client, new_tenant, app, service_settings):
-    headers = new_tenant()
-    job_id = submit(client, headers)
-    with app.state.db.session() as session:
+def test_a_lost_job_that_was_being_cancelled_ends_cancelled(queue_client):
+    headers = tenant_headers(queue_client)
+    (job_id,) = queued_jobs(queue_client, headers, 1)
+    with queue_client.app.state.db.session() as session:
         states.claim(session, job_id, "lost-worker")
-    client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
-    set_job(app, job_id, heartbeat_at=utcnow() - timedelta(hours=1))
-    reconcile(service_settings, app.state.db, app.state.celery)
-    assert client.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"] == "cancelled"
+    queue_client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
+    set_job(queue_client, job_id, heartbeat_at=utcnow() - timedelta(hours=1))
+    assert reconcile_once(queue_client)["cancelled"] == 1
+    assert queue_client.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"] == "cancelled"
 
 
-def test_a_queued_job_whose_message_was_lost_is_sent_again_once(client, new_tenant, app, service_settings):
-    headers = new_tenant()
-    job_id = submit(client, headers)
-    assert messages_for(service_settings, job_id) == 1
-    reconcile(service_settings, app.state.db, app.state.celery)
-    assert messages_for(service_settings, job_id) == 1, "not overdue yet"
+def test_lost_tokens_are_sent_again_and_never_doubled(queue_client):
+    for label in ("a", "b"):  # two jobs each, within the running limit: 4 jobs can start
+        queued_jobs(queue_client, tenant_headers(queue_client, label), 2)
+    assert tokens(queue_client) == 4, "one token per submission"
+    state = queue_client.app.state
 
-    set_job(app, job_id, enqueued_at=utcnow() - timedelta(seconds=service_settings.requeue_after + 1))
-    reconcile(service_settings, app.state.db, app.state.celery)
-    reconcile(service_settings, app.state.db, app.state.celery)
-    assert messages_for(service_settings, job_id) == 2
-    assert client.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"] == "queued"
+    # Several reconcilers at once, and again and again: a healthy queue gets nothing more.
+    threads = [threading.Thread(target=top_up, args=(state.settings, state.db, state.celery)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for _ in range(3):
+        reconcile_once(queue_client)
+    assert tokens(queue_client) == 4
+
+    for path in list((state.settings.broker_dir / "messages").iterdir())[:3]:
+        path.unlink()  # lost with a broker's restart
+    assert reconcile_once(queue_client)["sent"] == 3
+    assert reconcile_once(queue_client)["sent"] == 0
+    assert tokens(queue_client) == 4
 
 
-def test_a_job_whose_file_vanished_fails_with_a_readable_error(client, new_tenant, app, service_settings):
-    from worker.runner import run_job
+def test_tokens_follow_the_running_limit(queue_client):
+    state = queue_client.app.state
+    limit = state.settings.max_running_jobs_per_tenant
+    shutil.rmtree(state.settings.broker_dir / "messages")
+    (state.settings.broker_dir / "messages").mkdir()
+    job_ids = queued_jobs(queue_client, tenant_headers(queue_client), limit + 3)
+    for path in (state.settings.broker_dir / "messages").iterdir():
+        path.unlink()
+    with state.db.session() as session:
+        for job_id in job_ids[:limit]:
+            states.claim(session, job_id, "w")
+    assert reconcile_once(queue_client)["sent"] == 0, "the tenant runs its limit: none of its jobs can start"
+    with state.db.session() as session:
+        job = session.get(Job, job_ids[0])
+        states.finish(session, job, job.attempt, Status.SUCCEEDED, {})
+    assert reconcile_once(queue_client)["sent"] == 1
 
-    headers = new_tenant()
-    content = dataset(5, start=70_000)
-    job_id = submit(client, headers, content)
-    file_id = client.get(f"/v1/jobs/{job_id}", headers=headers).json()["mixture"][0]["file_id"]
-    sha = client.get(f"/v1/files/{file_id}", headers=headers).json()["sha256"]
-    blob_path(service_settings, sha).unlink()
 
-    assert run_job(service_settings, app.state.db, job_id, "test-worker") == Status.FAILED
-    job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+def test_a_job_whose_file_vanished_fails_with_a_readable_error(queue_client):
+    from worker.runner import run_next
+
+    state = queue_client.app.state
+    headers = tenant_headers(queue_client)
+    file_id = upload(queue_client, headers, dataset(5, start=70_000)).json()["id"]
+    job_id = submit_job(queue_client, headers, file_id)["id"]
+    sha = queue_client.get(f"/v1/files/{file_id}", headers=headers).json()["sha256"]
+    blob_path(state.settings, sha).unlink()
+
+    queue = f"{state.settings.queue_prefix}.cpu"
+    assert run_next(state.settings, state.db, queue, "test-worker", threading.Event()) == Status.FAILED
+    job = queue_client.get(f"/v1/jobs/{job_id}", headers=headers).json()
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_input"
     assert file_id in job["error"]["message"]
-    assert kinds(client, headers, job_id) == ["created", "started", "finished"]
-    assert run_job(service_settings, app.state.db, job_id, "test-worker") is None, "a finished job is not run again"
+    assert kinds(queue_client, headers, job_id) == ["created", "started", "finished"]
+    assert run_next(state.settings, state.db, queue, "test-worker", threading.Event()) is None, "nothing left to start"

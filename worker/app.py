@@ -1,22 +1,29 @@
 """The Celery app of ``celery -A worker.app worker`` and ``rlora worker``, with its task.
 
-Settings come from the environment of the worker process.
+Settings come from the environment of the worker process. Each message is a token: the task
+runs the next job its queue may start (worker.runner), chosen by the database.
 """
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.apps.worker import install_worker_term_handler
+from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from service.db import Database
 from service.jobs.queue import TASK_NAME, create_celery
+from service.jobs.reconciler import Reconciler, start_reconciler, top_up
 from service.settings import get_settings
-from worker.reconciler import Reconciler
-from worker.runner import run_job
+from worker.runner import run_next
 
 settings = get_settings()
 app = create_celery(settings)
+
+# Set when this worker begins to shut down: its running job stops at the trainer's next
+# check and goes back to the queue.
+shutting_down = threading.Event()
 
 
 @cache
@@ -33,18 +40,33 @@ def _fresh_connections(**_) -> None:
 
 
 @app.task(name=TASK_NAME, bind=True)
-def train_job(self, job_id: str) -> None:
-    run_job(settings, database(), job_id, worker=self.request.hostname or "worker")
+def next_job(self, queue: str) -> None:
+    if shutting_down.is_set():
+        return  # the token is acknowledged unused; the reconciler sends one for the job
+    status = run_next(settings, database(), queue, worker=self.request.hostname or "worker", shutting_down=shutting_down)
+    if status is not None:
+        # The job left `running`: its tenant has a slot again, or the job itself is queued
+        # again; tokens for what may start now, at once rather than at the next check.
+        top_up(settings, database(), app)
 
 
 _reconciler: list[Reconciler] = []
 
 
 @worker_ready.connect
-def _start_reconciler(**_) -> None:
-    reconciler = Reconciler(settings, database(), app)
-    reconciler.start()
-    _reconciler.append(reconciler)
+def _on_ready(sender, **_) -> None:
+    # Every stop signal is a warm shutdown. Celery's cold one (SIGQUIT, a second SIGINT)
+    # cancels the running task from inside the signal handler, which with the solo pool
+    # raises NotImplementedError in the middle of a training step; the warm one only sets
+    # flags, and the job gives itself back within a step (worker.runner).
+    for signal_name in ("SIGTERM", "SIGQUIT", "SIGINT"):
+        install_worker_term_handler(sender.controller, sig=signal_name)
+    _reconciler.append(start_reconciler(settings, database(), app))
+
+
+@worker_shutting_down.connect
+def _stop_the_running_job(**_) -> None:
+    shutting_down.set()
 
 
 @worker_shutdown.connect

@@ -1,7 +1,9 @@
-"""Running one job: claim it, call the trainer, record the outcome. Celery-free.
+"""Running one job: claim the next one, call the trainer, record the outcome. Celery-free.
 
 The trainer knows nothing about the database; this module turns its callbacks into progress
-rows, events and heartbeats, and its should-stop check into a read of the cancel flag.
+rows, events and heartbeats, and its should-stop check into a read of the cancel flag and of
+the worker's shutdown flag. A job stopped by a shutdown goes back to the queue, to resume
+from its last checkpoint: a shutdown is never the job's failure.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from rlora.adapter.folder import CONFIG_FILE
 from rlora.training import Progress, TrainConfig, TrainingCancelled, train
 from rlora.training.checkpoint import ADAPTER_DIR, CHECKPOINTS
 from service.db import Database
-from service.jobs import states
+from service.jobs import scheduling, states
 from service.jobs.requests import mixture_file_ids, tenant_files, train_config
 from service.jobs.states import Status
 from service.models import Adapter, Job
@@ -29,16 +31,18 @@ ERROR_MESSAGE_CHARS = 4000
 STOP_CHECK_INTERVAL = 1.0  # seconds between reads of the cancel flag
 
 
-def run_job(settings: Settings, db: Database, job_id: str, worker: str) -> Status | None:
-    """Claim and run ``job_id``; the status this worker left it in, or None if not claimed."""
+def run_next(settings: Settings, db: Database, queue: str, worker: str, shutting_down: threading.Event) -> Status | None:
+    """Claim the next job of ``queue`` (service.jobs.scheduling) and run it; the status this
+    worker left it in (queued again if ``shutting_down`` was set meanwhile), or None if no
+    job could start."""
     with db.session() as session:
-        attempt = states.claim(session, job_id, worker)
-        if attempt is None:
-            log.info("job %s is not queued (already taken, cancelled or done); skipping", job_id)
-            return None
-        job = session.get(Job, job_id)
-    log.info("job %s: attempt %d on %s", job_id, attempt, worker)
-    return _Run(settings, db, job, attempt).execute()
+        claimed = scheduling.claim_next(session, queue, worker, settings.max_running_jobs_per_tenant)
+    if claimed is None:
+        log.info("no job of %s can start now (none queued, or their tenants at their running limit)", queue)
+        return None
+    job, attempt = claimed
+    log.info("job %s: attempt %d on %s", job.id, attempt, worker)
+    return _Run(settings, db, job, attempt, shutting_down).execute()
 
 
 def _jsonable(value: Any) -> Any:
@@ -49,11 +53,12 @@ def _jsonable(value: Any) -> Any:
 
 
 class _Run:
-    def __init__(self, settings: Settings, db: Database, job: Job, attempt: int):
+    def __init__(self, settings: Settings, db: Database, job: Job, attempt: int, shutting_down: threading.Event):
         self.settings = settings
         self.db = db
         self.job = job
         self.attempt = attempt
+        self.shutting_down = shutting_down
         self.output_dir = settings.jobs_dir / job.id
         self.owned = True  # False once the job moved on without us (we were presumed lost)
         self._last_progress = 0.0
@@ -77,10 +82,16 @@ class _Run:
                 cache_dir=self.settings.cache_dir,
             )
         except TrainingCancelled:
-            return self._finish(Status.CANCELLED) if self.owned else None
+            if not self.owned:
+                return None
+            return self._give_back() if self.shutting_down.is_set() else self._finish(Status.CANCELLED)
         except (ValueError, LookupError) as err:
             return self._finish(Status.FAILED, error=("invalid_input", str(err)))
         except Exception as err:  # noqa: BLE001 - any training failure is the job's outcome
+            if self.shutting_down.is_set():
+                # Whatever broke while the worker stops is no verdict on the job: retry it.
+                log.exception("job %s: error while the worker shuts down", self.job.id)
+                return self._give_back()
             log.exception("job %s failed", self.job.id)
             return self._finish(Status.FAILED, error=("training_error", f"{type(err).__name__}: {err}"))
         finally:
@@ -116,6 +127,8 @@ class _Run:
             states.touch_running(session, self.job, self.attempt, (kind, _jsonable(data)))
 
     def _should_stop(self) -> bool:
+        if self.shutting_down.is_set():
+            return True
         now = time.monotonic()
         if self._stop or now - self._last_stop_check < STOP_CHECK_INTERVAL:
             return self._stop
@@ -162,10 +175,16 @@ class _Run:
             )
             session.add(adapter)
             session.flush()
-            if not states.finish(session, self.job, self.attempt, Status.SUCCEEDED, {"adapter_id": adapter.id}, metrics=metrics):
-                log.warning("job %s finished training but is no longer ours; result dropped", self.job.id)
-                return None
-        self._drop_checkpoints()
+            succeeded = states.finish(session, self.job, self.attempt, Status.SUCCEEDED, {"adapter_id": adapter.id}, metrics=metrics)
+            owned = succeeded or states.run_state(session, self.job.id, self.attempt).owned
+        if not succeeded:
+            if owned:
+                # Asked to cancel after the trainer's last check: the answer was "running",
+                # and the job ends as the user asked.
+                return self._finish(Status.CANCELLED)
+            log.warning("job %s finished training but is no longer ours; result dropped", self.job.id)
+            return None
+        self._drop_outputs(Status.SUCCEEDED)
         log.info("job %s succeeded: adapter %s", self.job.id, adapter.id)
         return Status.SUCCEEDED
 
@@ -178,10 +197,20 @@ class _Run:
         with self.db.session() as session:
             if not states.finish(session, self.job, self.attempt, status, data, **values):
                 return None
-        self._drop_checkpoints()
+        self._drop_outputs(status)
         log.info("job %s %s%s", self.job.id, status, f": {error[1]}" if error else "")
         return status
 
-    def _drop_checkpoints(self) -> None:
+    def _give_back(self) -> Status | None:
+        """The worker stops: the job goes back to the queue, its checkpoints kept for the next attempt."""
+        with self.db.session() as session:
+            status = states.requeue(session, self.job, self.attempt, "the worker shut down")
+        if status == Status.CANCELLED:
+            self._drop_outputs(status)
+        log.info("job %s: worker shutting down; the job is %s", self.job.id, status or "no longer ours")
+        return status
+
+    def _drop_outputs(self, status: Status) -> None:
         # Checkpoints (optimizer state included) only serve a resume; an ended job has none.
-        shutil.rmtree(self.output_dir / CHECKPOINTS, ignore_errors=True)
+        # A job that ended without an adapter keeps nothing (a cancel may come after saving).
+        shutil.rmtree(self.output_dir / CHECKPOINTS if status == Status.SUCCEEDED else self.output_dir, ignore_errors=True)

@@ -4,7 +4,7 @@ same thing."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +25,17 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, sources: list[MixtureSource], settings: TrainingSettings, device) -> dict[str, dict]:
+def evaluate(
+    model, tokenizer, sources: list[MixtureSource], settings: TrainingSettings, device,
+    check_stop: Callable[[], None] = lambda: None,
+) -> dict[str, dict]:
     """Per task: mean answer-token loss, and exact-match accuracy of greedy generation.
 
     Runs without autocast, as the inference engine serves the adapter, so that the accuracy
     reported is the one users get. Examples with no answer token within ``max_seq_len`` are
     skipped (``skipped``); ``answers_over_limit`` counts reference answers longer than
-    ``eval_max_new_tokens``, which greedy generation cannot match exactly.
+    ``eval_max_new_tokens``, which greedy generation cannot match exactly. ``check_stop``
+    is called before each batch (it raises to stop).
     """
     collate = Collator(tokenizer.pad_token_id)
     results = {}
@@ -42,6 +46,7 @@ def evaluate(model, tokenizer, sources: list[MixtureSource], settings: TrainingS
             continue
         loss_sum, tokens, correct = 0.0, 0, 0
         for chunk, chunk_features in zip(_chunks(examples, settings.batch_size), _chunks(features, settings.batch_size)):
+            check_stop()
             batch = {k: v.to(device) for k, v in collate(chunk_features).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum += float(token_loss_sum(logits, batch["labels"]))

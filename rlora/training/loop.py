@@ -140,12 +140,17 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    def check_stop(phase: str = "") -> None:
+        # Consulted in every phase that takes time, so a stop asked during the final
+        # evaluation ends the run too, instead of it finishing as if never asked.
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled(f"stopped at step {state.step} of {total_steps}{phase}")
+
     # 5. The loop: one optimizer step per iteration, gradient accumulation inside.
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     while state.step < total_steps:
-        if should_stop is not None and should_stop():
-            raise TrainingCancelled(f"stopped at step {state.step} of {total_steps}")
+        check_stop()
         step_start = time.perf_counter()
         micro_batches = [
             _next_batch(state, tokenizer, settings, collate) for _ in range(settings.gradient_accumulation_steps)
@@ -190,8 +195,9 @@ def train(
 
     # 6. Evaluate every task, describe the heads, write the adapter and the metrics.
     model.eval()
-    evaluation = evaluate(model, tokenizer, sources, settings, device)
+    evaluation = evaluate(model, tokenizer, sources, settings, device, check_stop=lambda: check_stop(" while evaluating"))
     emit("eval", {"step": state.step, "tasks": evaluation})
+    check_stop(" after evaluating")
     metrics = {
         "run": run_id,
         "base_model": config.base_model,
@@ -207,6 +213,7 @@ def train(
         "skipped_examples": state.skipped_examples,
         "peak_memory_bytes": _peak_memory(device),
     }
+    check_stop(" before saving")
     save(model, output_dir / ADAPTER_DIR, base_model_name=config.base_model)
     write_atomically(output_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     return metrics

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.jobs.queue import create_celery
+from service.jobs.reconciler import start_reconciler
 
 from service.api.body_limit import BodyLimitMiddleware
 from service.db import Database
@@ -27,7 +28,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.prepare_dirs()
         upgrade_database(settings.database)
+        reconciler = start_reconciler(settings, app.state.db, app.state.celery)  # tokens owed are sent even with no worker up
         yield
+        await asyncio.to_thread(reconciler.stop)
         await asyncio.to_thread(close_engine, app)  # the inference engine, if a request made one
         app.state.db.dispose()
 

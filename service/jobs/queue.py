@@ -1,7 +1,10 @@
-"""The sending side of the queue: queue names, the Celery app configured from settings, and
-sending a job. Importing it does not import the trainer.
+"""The broker's side of the queue: queue names, the Celery app configured from settings,
+sending tokens and counting those waiting. Importing it does not import the trainer.
 
-The broker carries job ids only; the database is the source of truth.
+The broker carries tokens, not jobs: a token on ``<prefix>.<class>`` says "a job of this
+device class can start". The worker that takes one asks the database which job
+(``service.jobs.scheduling.claim_next``): the database is the source of truth, and the
+choice between tenants is made when a worker is free, not when a job is submitted.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ import logging
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.exceptions import OperationalError
 
 from service.settings import Settings
 
-TASK_NAME = "rlora.train"
+TASK_NAME = "rlora.next_job"  # one argument: the queue the token came from
 DEVICE_CLASSES = ("cpu", "gpu")
+
+BROKER_TIMEOUT = 2.0  # seconds to connect to the broker before counting it down
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +47,15 @@ def create_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        # A job's message is acknowledged only when the job is done, one job per worker
-        # process at a time; a message whose worker dies is given back to the queue.
+        # A token is acknowledged only when its job is done, so a busy worker holds no
+        # token another worker could use (one job per worker process at a time).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         # An API request must not hang on a broker outage: the job is in the database and
-        # the reconciler sends its message again later.
+        # the reconciler sends its token once the broker answers.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
     )
     if settings.embedded_broker:
@@ -76,19 +82,39 @@ def create_celery(settings: Settings) -> Celery:
     else:
         config.update(
             broker_url=settings.broker_url,
-            # Redis gives an unacknowledged message back only after this many seconds; the
-            # reconciler usually gets there first, so keep it long to avoid duplicates.
-            broker_transport_options={"visibility_timeout": 6 * 3600},
+            # Redis gives an unacknowledged token (its worker died) back after this many
+            # seconds; the reconciler has long since sent a fresh one, so the late one only
+            # finds nothing to start. Long, so that a running job's token is never doubled.
+            broker_transport_options={"visibility_timeout": 6 * 3600, "socket_connect_timeout": BROKER_TIMEOUT},
         )
     app.conf.update(config)
     return app
 
 
-def enqueue_job(app: Celery, job_id: str, queue: str) -> bool:
-    """Send a job's id to its queue; False (logged) if the broker is unreachable."""
+class BrokerUnavailable(Exception):
+    """The broker did not answer."""
+
+
+def send_token(app: Celery, queue: str) -> bool:
+    """Tell ``queue``'s workers that a job can start; False (logged) if the broker is unreachable."""
     try:
-        app.send_task(TASK_NAME, args=[job_id], queue=queue)
-    except Exception:  # noqa: BLE001 - any broker failure leaves the job for the reconciler
-        log.exception("could not enqueue job %s on %s; the reconciler will retry", job_id, queue)
+        app.send_task(TASK_NAME, args=[queue], queue=queue)
+    except Exception:  # noqa: BLE001 - any broker failure leaves the token owed to the reconciler
+        log.warning("could not send a token to %s; the reconciler will", queue, exc_info=True)
         return False
     return True
+
+
+def waiting_tokens(app: Celery, queues: list[str]) -> dict[str, int]:
+    """The tokens waiting in each of ``queues`` (taken but unacknowledged ones not counted).
+
+    Raises BrokerUnavailable when the broker does not answer within a few seconds.
+    """
+    with app.connection_for_write() as connection:
+        try:
+            connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT)
+            channel = connection.default_channel
+            # Not passive: a passive declare of an empty Redis queue (no key) is a 404.
+            return {queue: channel.queue_declare(queue=queue).message_count for queue in queues}
+        except (OperationalError, *connection.connection_errors, *connection.channel_errors) as err:
+            raise BrokerUnavailable(str(err)) from err

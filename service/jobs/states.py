@@ -3,7 +3,7 @@ job only while its status (and the worker's attempt) is the one expected.
 
     queued -> running -> succeeded | failed | cancelled
     queued -> cancelled
-    running -> queued            (the worker was lost; training resumes from its checkpoint)
+    running -> queued            (the worker was lost or stopped; training resumes from its checkpoint)
 
 Every transition, heartbeat and progress write is one compare-and-set (``_set_if``),
 ``UPDATE ... WHERE status = :expected``: of two processes racing for the same job exactly one
@@ -74,13 +74,17 @@ def transition(
 ) -> bool:
     """Move ``job_id`` from ``expected`` to ``new``, setting ``values``; True if this call won.
 
-    ``attempt`` restricts the change to the worker holding that claim. The caller commits.
+    ``attempt`` restricts the change to the worker holding that claim. A job asked to cancel
+    cannot succeed (the request may arrive while its adapter is being saved). The caller commits.
     """
     if (expected, new) not in TRANSITIONS:
         raise InvalidTransition(job_id, expected, new)
     if new in TERMINAL:
         values.setdefault("finished_at", utcnow())
-    return _set_if(session, job_id, expected, {"status": new, **values}, *_attempt_is(attempt))
+    conditions = _attempt_is(attempt)
+    if new == Status.SUCCEEDED:
+        conditions += (Job.cancel_requested.is_(False),)
+    return _set_if(session, job_id, expected, {"status": new, **values}, *conditions)
 
 
 def _move(
@@ -103,19 +107,29 @@ def _move(
     return True
 
 
-def claim(session: Session, job_id: str, worker: str) -> int | None:
-    """queued -> running for ``worker``; the attempt number it holds, or None if another won."""
+def start(session: Session, job_id: str, worker: str) -> int | None:
+    """queued -> running for ``worker``, uncommitted; the attempt number it holds, or None if
+    another won (then the caller rolls back)."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.status != Status.QUEUED:
         return None
     attempt = job.attempt + 1
     now = utcnow()
     values = dict(status=Status.RUNNING, attempt=attempt, worker=worker, heartbeat_at=now, started_at=job.started_at or now)
-    won = _set_if(session, job_id, Status.QUEUED, values, *_attempt_is(job.attempt))
-    if won:
-        add_event(session, job, "started", {"attempt": attempt, "worker": worker})
-    session.commit()
-    return attempt if won else None
+    if not _set_if(session, job_id, Status.QUEUED, values, *_attempt_is(job.attempt)):
+        return None
+    add_event(session, job, "started", {"attempt": attempt, "worker": worker})
+    return attempt
+
+
+def claim(session: Session, job_id: str, worker: str) -> int | None:
+    """``start``, committed (or rolled back if another won)."""
+    attempt = start(session, job_id, worker)
+    if attempt is None:
+        session.rollback()
+    else:
+        session.commit()
+    return attempt
 
 
 @dataclass(frozen=True)
@@ -143,7 +157,8 @@ def touch_running(session: Session, job: Job, attempt: int, event: tuple[str, di
 
 def finish(session: Session, job: Job, attempt: int, new: Status, data: dict[str, Any], **values: Any) -> bool:
     """running -> ``new`` (an end) for the worker holding ``attempt``, with its "finished"
-    event carrying ``data``; committed. False (all rolled back) if the job is no longer its."""
+    event carrying ``data``; committed. False (all rolled back) if the job is no longer its,
+    or if it was to succeed but was asked to cancel."""
     return _move(session, job, Status.RUNNING, new, "finished", data, attempt=attempt, **values)
 
 
@@ -170,38 +185,27 @@ def cancel(session: Session, job: Job) -> Status:
     raise InvalidTransition(job.id, job.status, Status.CANCELLED)
 
 
-def lost_jobs(session: Session, silent_since: datetime) -> list[Job]:
-    """Running jobs whose worker has not beaten since ``silent_since`` (or never did)."""
-    return list(session.scalars(
-        select(Job).where(Job.status == Status.RUNNING, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < silent_since))
-    ))
+def lost_jobs(session: Session, queues: list[str], silent_since: datetime) -> list[Job]:
+    """Running jobs of ``queues`` whose worker has not beaten since ``silent_since`` (or never did)."""
+    silent = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < silent_since)
+    return list(session.scalars(select(Job).where(Job.status == Status.RUNNING, Job.queue.in_(queues), silent)))
 
 
-def requeue_lost(session: Session, job: Job, reason: str) -> Status | None:
-    """A running job whose worker is gone goes back to the queue (or ends, if cancelled).
+def requeue(session: Session, job: Job, attempt: int, reason: str) -> Status | None:
+    """A running job goes back to the queue, its next attempt to resume from the last
+    checkpoint: its worker is gone or stopping. A job asked to cancel ends cancelled instead.
 
-    Returns the new status, or None if the job changed meanwhile.
+    Only while ``attempt`` holds the job; returns the new status, or None if the job changed
+    meanwhile. Committed.
     """
-    if job.cancel_requested:
-        moved = _move(session, job, Status.RUNNING, Status.CANCELLED, "finished", {"reason": reason}, attempt=job.attempt)
+    if session.scalar(select(Job.cancel_requested).where(Job.id == job.id)):
+        moved = _move(session, job, Status.RUNNING, Status.CANCELLED, "finished", {"reason": reason}, attempt=attempt)
         return Status.CANCELLED if moved else None
     moved = _move(
         session, job, Status.RUNNING, Status.QUEUED, "requeued", {"reason": reason},
-        attempt=job.attempt, enqueued_at=utcnow(), worker=None,
+        attempt=attempt, enqueued_at=utcnow(), worker=None,
     )
     return Status.QUEUED if moved else None
-
-
-def unsent_jobs(session: Session, queued_before: datetime) -> list[Job]:
-    """Queued jobs whose message was last sent before ``queued_before``."""
-    return list(session.scalars(select(Job).where(Job.status == Status.QUEUED, Job.enqueued_at < queued_before)))
-
-
-def touch_enqueued(session: Session, job: Job, at: datetime) -> bool:
-    """Record that a queued job's message was sent again, unless another process just did."""
-    won = _set_if(session, job.id, Status.QUEUED, {"enqueued_at": at}, Job.enqueued_at == job.enqueued_at)
-    session.commit()
-    return won
 
 
 def add_event(session: Session, job: Job, kind: str, data: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -10,8 +10,8 @@ from service.api.deps import CeleryDep, SessionDep, SettingsDep
 from service.api.errors import APIError, invalid_fields, reject_lone_surrogates
 from service.api.paging import EventPageDep, PageDep, page
 from service.api.schemas import JobCreate, JobError, JobEventOut, JobMetrics, JobOut, Page, Progress
-from service.jobs import states
-from service.jobs.queue import enqueue_job
+from service.jobs import scheduling, states
+from service.jobs.queue import send_token
 from service.jobs.requests import InvalidJobRequest, check_job, request_hash
 from service.jobs.states import Status
 from service.models import Adapter, Job, JobEvent, JobFile
@@ -79,8 +79,12 @@ def create_job(
         checked = check_job(session, settings, tenant.id, body)
     except InvalidJobRequest as err:
         raise invalid_fields(err.problems) from None
-    active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(states.ACTIVE)))
+    # Counted and inserted under the tenant's lock: concurrent submissions cannot all see
+    # room for one more.
+    scheduling.lock_tenant(session, tenant.id)
+    active = scheduling.active_jobs(session, tenant.id)
     if active >= settings.max_active_jobs_per_tenant:
+        session.rollback()
         raise APIError(429, "too_many_jobs", f"{active} jobs are queued or running; the limit is {settings.max_active_jobs_per_tenant}")
 
     job = checked.job
@@ -101,7 +105,7 @@ def create_job(
             raise APIError(409, "conflict", "a file of the mixture was deleted during submission; check the files and submit again") from None
         response.status_code = 200
         return job_out(earlier, None)
-    enqueue_job(celery, job.id, job.queue)
+    send_token(celery, job.queue)
     return job_out(job, None)
 
 
