@@ -1,28 +1,26 @@
-"""Latency of the REST API under concurrency: job submission and status reads.
+"""Throughput and latency of the REST API under load, against a bare FastAPI route.
 
-Starts ``rlora serve --no-worker`` as a subprocess on a free port of 127.0.0.1, against a
-fresh PostgreSQL database that this script creates and drops (or ``--database sqlite``: the
-embedded default under a temporary RLORA_HOME). The broker is the embedded (filesystem) one
-and no worker runs, so submitted jobs just stay queued. Each of ``--clients`` concurrent
-clients is its own tenant with its own key and dataset, and sends ``--requests`` requests per
-phase:
+For each database (PostgreSQL: a fresh database this script creates and drops; SQLite: the
+embedded default under a temporary RLORA_HOME) it starts ``rlora serve --no-worker`` on a free
+port of 127.0.0.1 (embedded broker, no worker: the job stays queued) and, beside it, a bare
+FastAPI app served by uvicorn the same way (one process, the same uvicorn options). Then wrk
+(``/usr/bin/wrk``, Debian's package) loads, at each connection count in turn, each of:
 
-    health   GET  /health            the baseline: routing, one session, SELECT 1
-    submit   POST /v1/jobs           full validation, 4 inserts, enqueue
-    status   GET  /v1/jobs/{id}      one of the client's own jobs
+    bare     GET /bare             a bare FastAPI route returning a constant: the reference
+    health   GET /health           the service's liveness route
+    job      GET /v1/jobs/{id}     authorised: the key looked up, the job read, the adapter looked up
 
-and the table gives p50/p99 of each, and each as a ratio to the health baseline measured in
-the same run (ratios travel between machines better than milliseconds). The client imports
-no torch (the server does, to validate adapter settings).
+and the table gives req/s, p50/p99, non-2xx answers (those that are 429 or 503 without
+Retry-After apart), socket errors and timeouts, and req/s as a ratio to the bare route in the same
+run (ratios travel between machines better than absolute numbers).
 
-    python benchmarks/bench_api.py                      # PostgreSQL on 127.0.0.1:5432
-    python benchmarks/bench_api.py --database sqlite
+    python benchmarks/bench_api.py                                   # both databases
+    python benchmarks/bench_api.py --database sqlite --duration 5 --connections 16 64 256
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -34,13 +32,60 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's service package, as the servers it starts use
 POSTGRES_ADMIN_URL = os.environ.get("RLORA_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+TARGETS = {"bare": "GET /bare (reference)", "health": "GET /health", "job": "GET /v1/jobs/{id}"}
+
+# wrk's Lua: the Authorization header, and the status codes counted per thread (with a count of
+# 429 and 503 answers that lack Retry-After), summed and printed as JSON at the end.
+WRK_SCRIPT = r"""
+local key = os.getenv("BENCH_KEY")
+if key and key ~= "" then wrk.headers["Authorization"] = "Bearer " .. key end
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {}; no_retry_after = 0 end
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+  if (status == 429 or status == 503) and headers["Retry-After"] == nil and headers["retry-after"] == nil then
+    no_retry_after = no_retry_after + 1
+  end
+end
+function done(summary, latency, requests)
+  local total, missing = {}, 0
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do total[tostring(status)] = (total[tostring(status)] or 0) + n end
+    missing = missing + thread:get("no_retry_after")
+  end
+  local parts = {}
+  for status, n in pairs(total) do table.insert(parts, string.format('"%s": %d', status, n)) end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "statuses": {%s}, '
+    .. '"no_retry_after": %d, "connect": %d, "read": %d, "write": %d, "timeout": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), table.concat(parts, ", "),
+    missing, e.connect, e.read, e.write, e.timeout))
+end
+"""
+
+
+def bare_app():
+    """The reference: FastAPI with one constant route, nothing else."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/bare")
+    async def bare() -> dict:
+        return {"status": "ok"}
+
+    return app
 
 
 # --- set-up -------------------------------------------------------------------------------
@@ -74,137 +119,100 @@ def rlora_command(*args: str) -> list[str]:
     return [script, *args] if script else [sys.executable, "-m", "service.cli", *args]
 
 
-def wait_healthy(base: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"rlora serve exited with {process.returncode}; see its log")
+@contextmanager
+def server(command: list[str], env: dict, log_path: Path, probe: str):
+    """A server process answering ``probe`` (a URL) with 200; stopped on exit."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"rlora serve did not answer /health within {timeout:.0f}s")
+            deadline = time.monotonic() + 90
+            while True:
+                if process.poll() is not None:
+                    raise SystemExit(f"{command} exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+                try:
+                    if httpx.get(probe, timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{probe} did not answer within 90 s")
+                time.sleep(0.3)
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
-def make_tenants(url: str, count: int) -> list[str]:
-    """``count`` tenants straight in the database (the API has no route for it): their keys."""
+def make_tenant(url: str) -> str:
+    """A tenant straight in the database (the API has no route for it): its key."""
     from service.api.auth import create_tenant
     from service.db import Database
 
     db = Database(url)
     try:
-        keys = []
-        for i in range(count):
-            with db.session() as session:
-                keys.append(create_tenant(session, f"bench-{i}-{secrets.token_hex(3)}")[1])
-        return keys
+        with db.session() as session:
+            return create_tenant(session, f"bench-{secrets.token_hex(3)}")[1]
     finally:
         db.dispose()
 
 
-def dataset(n: int = 16) -> str:
-    return "".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1), "task": "add"}) + "\n" for i in range(n))
-
-
-def job_body(file_id: str) -> dict:
-    return {
-        "base_model": "tiny",
-        "mixture": [{"file_id": file_id, "weight": 1.0, "task": "add"}],
-        "adapter": {"method": "rlora", "heads": 3, "rank": 4},
-        "training": {"max_steps": 100, "device": "cpu"},
-    }
+def make_job(base: str, key: str) -> str:
+    """One queued job of the tenant (its id), submitted through the API."""
+    records = "".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1), "task": "add"}) + "\n" for i in range(16))
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+        file = client.post("/v1/files", files={"file": ("d.jsonl", records)})
+        file.raise_for_status()
+        job = client.post("/v1/jobs", json={
+            "base_model": "tiny",
+            "mixture": [{"file_id": file.json()["id"], "weight": 1.0, "task": "add"}],
+            "adapter": {"method": "rlora", "heads": 3, "rank": 4},
+            "training": {"max_steps": 100, "device": "cpu"},
+        })
+        job.raise_for_status()
+        return job.json()["id"]
 
 
 # --- load ---------------------------------------------------------------------------------
 
 
-class Phase:
-    def __init__(self, name: str):
-        self.name = name
-        self.latencies: list[float] = []
-        self.errors: dict[str, int] = {}
-        self.wall = 0.0
-        self.timed_out = False
-
-    def quantile(self, q: float) -> float:
-        values = sorted(self.latencies)
-        if not values:
-            return float("nan")
-        # Nearest rank: the smallest value with at least q of the samples at or below it.
-        rank = max(1, -(-int(q * 1000) * len(values) // 1000))
-        return values[min(rank, len(values)) - 1]
+def wrk(url: str, connections: int, duration: float, script: Path, key: str = "") -> dict:
+    command = [WRK, f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s", "-s", str(script), url]
+    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "BENCH_KEY": key}, timeout=duration + 60)
+    line = next((line for line in out.stdout.splitlines() if line.startswith("BENCH ")), None)
+    if line is None:
+        raise SystemExit(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")
+    result = json.loads(line[len("BENCH "):])
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
 
 
-async def run_phase(name: str, clients: list[httpx.AsyncClient], requests: int, make_request, time_limit: float, on_ok=None) -> Phase:
-    """Every client sends ``requests`` requests one after the other; all clients at once.
-
-    ``make_request(client_index, n)`` gives (method, path, httpx kwargs, expected status);
-    ``on_ok(client_index, response)`` sees each expected answer (outside the timing).
-    """
-    phase = Phase(name)
-
-    async def one_client(index: int, client: httpx.AsyncClient) -> None:
-        for n in range(requests):
-            method, path, kwargs, expected = make_request(index, n)
-            start = time.perf_counter()
-            try:
-                response = await client.request(method, path, **kwargs)
-                elapsed = time.perf_counter() - start
-                if response.status_code == expected:
-                    phase.latencies.append(elapsed)
-                    if on_ok is not None:
-                        on_ok(index, response)
-                else:
-                    key = str(response.status_code)
-                    phase.errors[key] = phase.errors.get(key, 0) + 1
-            except httpx.HTTPError as err:
-                key = type(err).__name__
-                phase.errors[key] = phase.errors.get(key, 0) + 1
-
-    start = time.perf_counter()
-    tasks = [asyncio.create_task(one_client(i, c)) for i, c in enumerate(clients)]
-    done, pending = await asyncio.wait(tasks, timeout=time_limit)
-    for task in pending:
-        task.cancel()
-    if pending:
-        phase.timed_out = True
-        await asyncio.gather(*pending, return_exceptions=True)
-    phase.wall = time.perf_counter() - start
-    return phase
-
-
-async def load(base: str, keys: list[str], requests: int, phase_limit: float) -> list[Phase]:
-    job_ids: list[list[str]] = [[] for _ in keys]
-    # One connection per client, kept alive: the numbers are the server's, not TCP set-up.
-    clients = [
-        httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60, limits=httpx.Limits(max_connections=1))
-        for key in keys
-    ]
-    try:
-        # Each tenant's dataset (not timed).
-        uploads = await asyncio.gather(*(c.post("/v1/files", files={"file": ("d.jsonl", dataset())}) for c in clients))
-        for response in uploads:
-            response.raise_for_status()
-        file_ids = [r.json()["id"] for r in uploads]
-
-        health = lambda i, n: ("GET", "/health", {}, 200)  # noqa: E731
-        submit = lambda i, n: ("POST", "/v1/jobs", {"json": job_body(file_ids[i])}, 201)  # noqa: E731
-
-        def status(i: int, n: int):
-            ids = job_ids[i]
-            return "GET", f"/v1/jobs/{ids[n % len(ids)] if ids else 'missing'}", {}, 200
-
-        # Warm-up (not reported): connections open, code paths and pools warm.
-        await run_phase("warm-up", clients, 2, health, phase_limit)
-        await run_phase("warm-up", clients, 1, lambda i, n: ("GET", "/v1/jobs?limit=1", {}, 200), phase_limit)
-        phases = [await run_phase("health", clients, requests, health, phase_limit)]
-        phases.append(await run_phase("submit", clients, requests, submit, phase_limit, lambda i, r: job_ids[i].append(r.json()["id"])))
-        phases.append(await run_phase("status", clients, requests, status, phase_limit))
-        return phases
-    finally:
-        await asyncio.gather(*(c.aclose() for c in clients))
+def bench_database(args, url: str, database: str, home: Path, script: Path) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLORA_")}
+    env.update(RLORA_HOME=str(home), RLORA_DATABASE_URL=url, PYTHONPATH=str(REPO))
+    service_port, bare_port = free_port(), free_port()
+    service, bare = f"http://127.0.0.1:{service_port}", f"http://127.0.0.1:{bare_port}"
+    rows = []
+    with ExitStack() as stack:
+        stack.enter_context(server(
+            rlora_command("serve", "--no-worker", "--host", "127.0.0.1", "--port", str(service_port)),
+            env, home / "serve.log", f"{service}/health",
+        ))
+        stack.enter_context(server(
+            [sys.executable, __file__, "--serve-bare", str(bare_port)], env, home / "bare.log", f"{bare}/bare",
+        ))
+        key = make_tenant(url)
+        urls = {"bare": (f"{bare}/bare", ""), "health": (f"{service}/health", ""), "job": (f"{service}/v1/jobs/{make_job(service, key)}", key)}
+        for name, (target, target_key) in urls.items():
+            wrk(target, 16, 1, script, target_key)  # warm-up: code paths, pools
+        for connections in args.connections:
+            results = {name: wrk(target, connections, args.duration, script, target_key) for name, (target, target_key) in urls.items()}
+            for name, result in results.items():
+                rows.append(dict(database=database, connections=connections, target=name, ratio=result["rps"] / results["bare"]["rps"], **result))
+    return rows
 
 
 # --- report -------------------------------------------------------------------------------
@@ -221,82 +229,66 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def report(phases: list[Phase], args, database: str, clients: int) -> str:
-    base = next(p for p in phases if p.name == "health")
-    b50, b99 = base.quantile(0.5), base.quantile(0.99)
-    routes = {"health": "GET /health (baseline)", "submit": "POST /v1/jobs", "status": "GET /v1/jobs/{id}"}
+def unexpected(row: dict) -> int:
+    """Answers outside the targets: not 2xx, and not a 429 or 503 with Retry-After."""
+    off = sum(n for status, n in row["statuses"].items() if not status.startswith("2") and status not in ("429", "503"))
+    return off + row["no_retry_after"]
+
+
+def report(rows: list[dict], args, load_before: float) -> str:
+    wrk_version = subprocess.run([WRK, "--version"], capture_output=True, text=True).stdout.split("\n")[0].split(" Copyright")[0]
     lines = [
-        f"API latency, {clients} concurrent clients x {args.requests} requests per phase, "
-        f"`rlora serve --no-worker` (one uvicorn process), embedded broker, {database}",
-        "",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {cpu_model()}, {os.cpu_count()} cores (load generator on the same machine); "
-        f"Python {platform.python_version()}; torch-free client; load average before the run {args.load_before:.2f}",
-        f"- command: `python benchmarks/bench_api.py --database {args.database} --clients {args.clients} --requests {args.requests}`",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, no GPU; wrk on the same machine ({wrk_version}, 2 threads); "
+        f"Python {platform.python_version()}; load average before the run {load_before:.2f}",
+        f"- command: `python benchmarks/bench_api.py --database {' '.join(args.database)} --duration {args.duration:g} "
+        f"--connections {' '.join(map(str, args.connections))}`",
+        "- servers: `rlora serve --no-worker` (one uvicorn process, embedded broker) and the bare app, one uvicorn process",
         "",
-        "| request | ok | errors | p50 ms | p99 ms | req/s | p50 / health p50 | p99 / health p99 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| database | connections | request | req/s | / bare | p50 ms | p99 ms | non-2xx | 429/503 | errors, timeouts |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for p in phases:
-        errors = ", ".join(f"{k}: {v}" for k, v in sorted(p.errors.items())) or "0"
-        if p.timed_out:
-            errors += " (phase timed out)"
-        p50, p99 = p.quantile(0.5), p.quantile(0.99)
+    for row in rows:
+        non_2xx = sum(n for status, n in row["statuses"].items() if not status.startswith("2"))
+        limited = sum(row["statuses"].get(status, 0) for status in ("429", "503"))
+        errors = f"{row['connect'] + row['read'] + row['write']}, {row['timeout']}"
         lines.append(
-            f"| {routes[p.name]} | {len(p.latencies)} | {errors} | {p50 * 1000:.1f} | {p99 * 1000:.1f} | "
-            f"{len(p.latencies) / p.wall:.0f} | {p50 / b50:.1f}x | {p99 / b99:.1f}x |"
+            f"| {row['database']} | {row['connections']} | {TARGETS[row['target']]} | {row['rps']:.0f} | {row['ratio']:.2f}x | "
+            f"{row['p50_us'] / 1000:.1f} | {row['p99_us'] / 1000:.1f} | {non_2xx} | {limited} | {errors} |"
         )
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--requests", type=int, default=20, help="per client and phase")
-    parser.add_argument("--phase-limit", type=float, default=30.0, help="seconds; a phase still running is cut off")
+    parser.add_argument("--database", nargs="+", choices=["postgresql", "sqlite"], default=["sqlite", "postgresql"])
+    parser.add_argument("--connections", nargs="+", type=int, default=[16, 64, 256])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of each wrk run")
     parser.add_argument("--postgres-admin-url", default=POSTGRES_ADMIN_URL)
+    parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the reference server
     args = parser.parse_args()
-    args.load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
+    if args.serve_bare:
+        import uvicorn
 
-    home = Path(tempfile.mkdtemp(prefix="rlora-bench-"))
-    try:
-        if args.database == "postgresql":
-            with fresh_postgres_database(args.postgres_admin_url) as (url, name):
-                return bench(args, home, url, name)
-        return bench(args, home, f"sqlite:///{home / 'rlora.db'}", "SQLite (WAL)")
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+        uvicorn.run(bare_app(), host="127.0.0.1", port=args.serve_bare, log_level="info")
+        return 0
+    load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
 
-
-def bench(args, home: Path, url: str, database: str) -> int:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RLORA_")}
-    env.update(RLORA_HOME=str(home), RLORA_DATABASE_URL=url, RLORA_MAX_ACTIVE_JOBS_PER_TENANT=str(10 * args.requests + 10))
-    log = open(home / "serve.log", "w")
-    process = subprocess.Popen(
-        rlora_command("serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port)),
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_healthy(base, process, timeout=90)
-        keys = make_tenants(url, args.clients)
-        phases = asyncio.run(load(base, keys, args.requests, args.phase_limit))
-    except BaseException:
-        log.flush()
-        print((home / "serve.log").read_text()[-4000:], file=sys.stderr)
-        raise
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-    print(report(phases, args, database, args.clients))
-    bad = any(p.errors or p.timed_out for p in phases)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="rlora-bench-") as folder:
+        script = Path(folder) / "bench.lua"
+        script.write_text(WRK_SCRIPT)
+        for database in args.database:
+            home = Path(folder) / database
+            home.mkdir()
+            if database == "postgresql":
+                with fresh_postgres_database(args.postgres_admin_url) as (url, name):
+                    rows += bench_database(args, url, name, home, script)
+            else:
+                rows += bench_database(args, f"sqlite:///{home / 'rlora.db'}", "SQLite (WAL)", home, script)
+    print(report(rows, args, load_before))
+    worst = max(args.connections)
+    bad = [r for r in rows if unexpected(r) or (r["connections"] == worst and r["timeout"])]
     return 1 if bad else 0
 
 

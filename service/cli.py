@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--no-worker", action="store_true", help="API only; workers run elsewhere (rlora worker)")
+    serve.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="API processes sharing the port (default 1); above 1 needs RLORA_INFERENCE_IN_API=false",
+    )
 
     worker = commands.add_parser("worker", help="a Celery worker for the configured broker")
     worker.add_argument("--queues", help="comma-separated device classes to take (cpu, gpu); default: this host's")
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return _train(settings, args.config)
     if args.command == "serve":
-        return _serve(settings, args.host, args.port, with_worker=not args.no_worker)
+        return _serve(settings, args.host, args.port, processes=args.workers, with_worker=not args.no_worker)
     if args.command == "worker":
         return _worker(settings, args.queues)
     if args.command == "migrate":
@@ -219,12 +223,22 @@ class _WorkerProcess:
             process.wait()
 
 
-def _serve(settings: Settings, host: str, port: int, *, with_worker: bool) -> int:
+def _serve(settings: Settings, host: str, port: int, *, processes: int, with_worker: bool) -> int:
     import uvicorn
 
-    from service.api.app import create_app
-
-    _migrate(settings)
+    if processes < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if processes > 1 and settings.inference_in_api:
+        # Each process would load its own copy of every base model it serves (on the GPU too).
+        print(
+            f"error: --workers {processes} would load the base models once per process; set "
+            "RLORA_INFERENCE_IN_API=false for this API tier and serve /generate from one "
+            "`rlora serve --workers 1` process (README: the API tier)",
+            file=sys.stderr,
+        )
+        return 2
+    _migrate(settings)  # once, before any process starts; the processes do not migrate
     worker = _WorkerProcess() if with_worker else None
     if worker is not None:
         worker.start()
@@ -233,7 +247,10 @@ def _serve(settings: Settings, host: str, port: int, *, with_worker: bool) -> in
     # the finally clause below stop the worker instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        # The factory reads the same RLORA_* environment as this command, in every process.
+        uvicorn.run(
+            "service.api.app:create_served_app", factory=True, workers=processes, host=host, port=port, log_level="info"
+        )
     except KeyboardInterrupt:
         pass  # Ctrl-C: uvicorn has shut down already
     finally:

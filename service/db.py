@@ -9,13 +9,23 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Connections a pool may open beyond its size, for the short moments when a request that has
+# left its thread still holds one (it is given back on the event loop, without a thread).
+POOL_OVERFLOW = 10
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 5, pool_timeout: float = 30.0) -> Engine:
+    """An engine whose pool keeps ``pool_size`` connections (the API sizes it to its threads,
+    so that a thread never waits for a connection another thread holds) and waits at most
+    ``pool_timeout`` seconds for one (then ``sqlalchemy.exc.TimeoutError``)."""
+    # LIFO: the connection used last, warm (its caches, its prepared statements), goes out first.
+    pool = dict(pool_size=pool_size, max_overflow=POOL_OVERFLOW, pool_timeout=pool_timeout, pool_use_lifo=True)
     if url.startswith("sqlite"):
         # The API and the worker are separate processes writing one file: WAL lets readers
         # go on while one writes, and the busy timeout makes a writer wait instead of failing.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -26,15 +36,15 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 class Database:
     """An engine and its session factory, made once per process from a URL."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, pool_size: int = 5, pool_timeout: float = 30.0):
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pool_size, pool_timeout)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     max_running_jobs_per_tenant: int = Field(4, ge=1, description="a tenant's jobs running at once; the rest wait")
     queue_check_interval: float = Field(3.0, gt=0, description="seconds between comparisons of broker tokens with startable jobs")
 
+    # The API tier under load (timeouts in seconds).
+    api_threads: int = Field(40, ge=1, description="threads per API process for blocking work (database, files)")
+    database_pool_timeout: float = Field(5.0, gt=0, description="longest wait for a pooled connection (503 after)")
+    body_idle_timeout: float = Field(30.0, gt=0, description="longest pause within a request body (408 after)")
+    body_min_rate: int = Field(1024, ge=1, description="bytes per second a body must average once body_idle_timeout has passed")
+    ready_timeout: float = Field(3.0, gt=0, description="longest wait of /ready for the database and for the broker")
+    staging_max_age: float = Field(3600.0, gt=0, description="staged uploads and downloads older than this are swept at start")
+    inference_in_api: bool = Field(True, description="serve /generate from API processes (false: 503 there)")
+
     @model_validator(mode="after")
     def _heartbeat_fits(self) -> "Settings":
         if self.heartbeat_timeout <= 2 * self.heartbeat_interval:

@@ -234,9 +234,13 @@ def test_a_database_outage_is_503_not_500(service_settings, tmp_path):  # noqa: 
     with TestClient(app) as client:
         app.state.db.dispose()
         app.state.db = Database(f"sqlite:///{tmp_path / 'missing' / 'rlora.db'}")  # cannot be opened
-        response = client.get("/health")
+        # Liveness stays up (a restart would not bring the database back); readiness says why not.
+        assert client.get("/health").json() == {"status": "ok"}
+        response = client.get("/ready")
+        error = error_of(response, 503, "not_ready")
+        assert response.headers["retry-after"] and [d["component"] for d in error["details"]] == ["database"]
+        response = client.get("/v1/files", headers={"Authorization": "Bearer rlk_x"})
         assert error_of(response, 503, "unavailable") and response.headers["retry-after"]
-        error_of(client.get("/v1/files", headers={"Authorization": "Bearer rlk_x"}), 503)
 
 
 # --- /generate (SQLite, the tiny model) ----------------------------------------------------------

@@ -3,32 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
-from service.jobs.queue import create_celery
-from service.jobs.reconciler import start_reconciler
-
 from service.api.body_limit import BodyLimitMiddleware
-from service.db import Database
 from service.api.errors import install_error_handlers
 from service.api.inference import close_engine
-from service.migrate import upgrade_database
 from service.api.routes import adapters, files, generate, health, jobs, models
 from service.api.schemas import error_responses
+from service.api.staging import sweep_staging
+from service.db import Database
+from service.jobs.queue import create_celery
+from service.jobs.reconciler import start_reconciler
+from service.migrate import upgrade_database
 from service.settings import Settings, get_settings
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
+    """The API; ``migrate=False`` where the database was brought to head before the process
+    started (``rlora serve`` does so once for all its processes)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync endpoints and database work run on anyio's default threads; the pool has a
+        # connection for each (Database below), so a thread never waits on another for one.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         settings.prepare_dirs()
-        upgrade_database(settings.database)
+        if migrate:
+            upgrade_database(settings.database)
+        await asyncio.to_thread(sweep_staging, settings)
         reconciler = start_reconciler(settings, app.state.db, app.state.celery)  # tokens owed are sent even with no worker up
+        # What is loaded by now (torch, transformers, the app: millions of objects) lives as
+        # long as the process: out of the collector's sight, or every full collection walks it
+        # all, a pause of a hundred milliseconds or more in the middle of requests.
+        gc.collect()
+        gc.freeze()
         yield
         await asyncio.to_thread(reconciler.stop)
         await asyncio.to_thread(close_engine, app)  # the inference engine, if a request made one
@@ -36,19 +50,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="rlora", summary="Multi-tenant R-LoRA fine-tuning", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.state.db = Database(settings.database)
+    app.state.db = Database(settings.database, pool_size=settings.api_threads, pool_timeout=settings.database_pool_timeout)
     app.state.celery = create_celery(settings)
     install_error_handlers(app)
     # File uploads stream under their own limit (max_upload_bytes); every other body, this one.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_json_bytes, exempt=[("POST", "/v1/files")])
+    app.add_middleware(
+        BodyLimitMiddleware, limit=settings.max_json_bytes, idle_timeout=settings.body_idle_timeout,
+        min_rate=settings.body_min_rate, exempt=[("POST", "/v1/files")],
+    )
     for module, statuses in (
-        (health, (503,)),
-        (files, (401, 404, 409, 413, 422, 503)),
-        (jobs, (401, 404, 409, 413, 415, 422, 429, 503)),
+        (health, ()),
+        (files, (401, 404, 408, 409, 413, 422, 503)),
+        (jobs, (401, 404, 408, 409, 413, 415, 422, 429, 503)),
         (adapters, (401, 404, 410, 422, 503)),
         (models, (401, 503)),
-        (generate, (401, 404, 410, 413, 415, 422, 429, 503)),
+        (generate, (401, 404, 408, 410, 413, 415, 422, 429, 503)),
     ):
         # The error statuses each route may answer with, in the one shape (not FastAPI's).
         app.include_router(module.router, responses=error_responses(*statuses))
     return app
+
+
+def create_served_app() -> FastAPI:
+    """The app of each ``rlora serve`` process (uvicorn's factory): settings from the
+    environment, the database migrated already by the command."""
+    return create_app(migrate=False)

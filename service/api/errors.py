@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlora.data import lone_surrogate
@@ -103,8 +104,18 @@ _STATUS_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
+    408: "request_timeout",
     429: "too_many_requests",
 }
+
+# Seconds a client is asked to wait (Retry-After) when the service is overloaded or the
+# database unavailable.
+RETRY_AFTER = "5"
+
+
+def unavailable(message: str) -> JSONResponse:
+    """A 503 the client may retry, in the one shape, with Retry-After."""
+    return JSONResponse(error_body("unavailable", message), status_code=503, headers={"Retry-After": RETRY_AFTER})
 
 
 def _json_position(doc: Any, pos: Any) -> str:
@@ -189,8 +200,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
         # The database is down, unreachable or locked: an outage the client may retry, not a bug.
         log.error("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        body = error_body("unavailable", "the database is unavailable; retry later")
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+        return unavailable("the database is unavailable; retry later")
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(request: Request, exc: PoolTimeout) -> JSONResponse:
+        # Every pooled connection stayed busy for RLORA_DATABASE_POOL_TIMEOUT: overload, answered
+        # at once so that the client backs off instead of piling on.
+        log.warning("no database connection free on %s %s: %s", request.method, request.url.path, exc)
+        return unavailable("the service is overloaded; retry later")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

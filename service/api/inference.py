@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from rlora.serve import InferenceEngine, Limits
 
+from service.api.errors import APIError
 from service.settings import Settings
 
 _lock = threading.Lock()
@@ -40,7 +41,12 @@ def make_engine(settings: Settings) -> InferenceEngine:
 
 
 def get_engine(app: FastAPI) -> InferenceEngine:
-    """The app's engine, made on first call."""
+    """The app's engine, made on first call; a 503 where this process serves no generation."""
+    if not app.state.settings.inference_in_api:
+        raise APIError(
+            503, "generation_not_served",
+            "this API process does not serve generation (RLORA_INFERENCE_IN_API=false); send /generate to the process that does",
+        )
     engine = getattr(app.state, "engine", None)
     if engine is None:
         with _lock:

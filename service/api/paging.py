@@ -3,6 +3,7 @@ events oldest first (after the last event id seen)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Query
@@ -21,37 +22,44 @@ def _checked_limit(settings: Settings, limit: int) -> int:
     return limit
 
 
+@dataclass(frozen=True)
 class PageParams:
+    limit: int
+    after: str | None
     oldest_first = False  # objects, newest first
 
-    def __init__(
-        self,
-        settings: SettingsDep,
-        limit: Annotated[int, Query(ge=1, description="items per page")] = 20,
-        after: Annotated[str | None, Query(max_length=100, description="next_cursor of the previous page")] = None,
-    ):
-        if after is not None and not could_exist(after):
-            raise invalid("after", "after: not a cursor (it contains a NUL character); pass the next_cursor of the previous page")
-        self.limit = _checked_limit(settings, limit)
-        self.after = after
 
-
+@dataclass(frozen=True)
 class EventPageParams:
+    limit: int
+    after: int | None
     # Oldest first: a client follows a job by passing the last id it has seen.
     oldest_first = True
 
-    def __init__(
-        self,
-        settings: SettingsDep,
-        after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="id of the last event seen (event ids are 32-bit)")] = None,
-        limit: Annotated[int, Query(ge=1)] = 100,
-    ):
-        self.limit = _checked_limit(settings, limit)
-        self.after = after
+
+# Dependencies as coroutines: FastAPI runs a plain function (or a class) in the threadpool.
 
 
-PageDep = Annotated[PageParams, Depends()]
-EventPageDep = Annotated[EventPageParams, Depends()]
+async def page_params(
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, description="items per page")] = 20,
+    after: Annotated[str | None, Query(max_length=100, description="next_cursor of the previous page")] = None,
+) -> PageParams:
+    if after is not None and not could_exist(after):
+        raise invalid("after", "after: not a cursor (it contains a NUL character); pass the next_cursor of the previous page")
+    return PageParams(limit=_checked_limit(settings, limit), after=after)
+
+
+async def event_page_params(
+    settings: SettingsDep,
+    after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="id of the last event seen (event ids are 32-bit)")] = None,
+    limit: Annotated[int, Query(ge=1)] = 100,
+) -> EventPageParams:
+    return EventPageParams(limit=_checked_limit(settings, limit), after=after)
+
+
+PageDep = Annotated[PageParams, Depends(page_params)]
+EventPageDep = Annotated[EventPageParams, Depends(event_page_params)]
 
 
 def page(session: Session, query: Select, id_column: Any, params: PageParams | EventPageParams) -> tuple[list[Any], str | None]:

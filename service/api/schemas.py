@@ -118,6 +118,11 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    checks: dict[str, str] = Field(description="each dependency checked (database, broker) and its state")
+
+
 class ErrorInfo(BaseModel):
     code: str = Field(description="machine-readable, e.g. invalid_request, not_found, unauthorized")
     message: str = Field(description="what is wrong, naming the field when there is one")
@@ -133,6 +138,7 @@ class ErrorResponse(BaseModel):
 
 _ERROR_DESCRIPTIONS = {
     401: "Missing or invalid API key",
+    408: "The request body arrived too slowly, or stopped",
     404: "No such object (or it belongs to another tenant)",
     409: "Conflict with the object's current state",
     410: "The object's files are gone",

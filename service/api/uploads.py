@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -13,6 +12,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.api.errors import APIError, invalid
+from service.api.staging import staging_file
 from service.settings import Settings
 
 FIELD = "file"
@@ -113,9 +113,7 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise _too_large(limit)
 
-    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="upload-", dir=settings.tmp_dir)
-    path = Path(name)
+    fd, path = staging_file(settings, "upload-")
     try:
         with os.fdopen(fd, "wb") as staged:
             part = _FilePart(staged, limit)

@@ -1,6 +1,5 @@
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -11,14 +10,15 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from service.api.auth import TenantDep, get_owned
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import SessionDep, SessionRoute, SettingsDep
 from service.api.errors import APIError
 from service.api.inference import evict_adapter
+from service.api.staging import staging_file
 from service.models import Adapter
 from service.api.paging import PageDep, page
 from service.api.schemas import AdapterOut, Deleted, Page
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], route_class=SessionRoute)
 
 
 def get_adapter(session: Session, tenant_id: str, adapter_id: str) -> Adapter:
@@ -43,15 +43,15 @@ def download_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, se
     folder = Path(adapter.path)
     if not folder.is_dir():
         raise APIError(410, "adapter_files_missing", f"the files of adapter {adapter_id} are no longer on disk")
-    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="adapter-", suffix=".zip", dir=settings.tmp_dir)
+    session.close()  # the connection back to the pool before the zip, which may take a while
+    fd, zip_path = staging_file(settings, "adapter-", ".zip")
     os.close(fd)
-    with zipfile.ZipFile(name, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 archive.write(path, f"{adapter_id}/{path.relative_to(folder)}")
     return FileResponse(
-        name, media_type="application/zip", filename=f"{adapter_id}.zip", background=BackgroundTask(os.unlink, name)
+        zip_path, media_type="application/zip", filename=f"{adapter_id}.zip", background=BackgroundTask(os.unlink, zip_path)
     )
 
 

@@ -6,7 +6,7 @@ from starlette.concurrency import run_in_threadpool
 from rlora.data.records import DatasetValidationError, validate_dataset
 
 from service.api.auth import TenantDep, get_owned
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import SessionDep, SessionRoute, SettingsDep, closing_sessions
 from service.api.errors import APIError
 from service.jobs.states import active_jobs_using_file
 from service.models import File
@@ -16,14 +16,15 @@ from service.settings import Settings
 from service.jobs.storage import remove_blob_if_unused, store_blob
 from service.api.uploads import FIELD, Upload, receive_upload
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], route_class=SessionRoute)
 
 
 def get_file(session: Session, tenant_id: str, file_id: str) -> File:
     return get_owned(session, File, tenant_id, file_id, "file")
 
 
-def _validate_and_store(session: Session, settings: Settings, tenant_id: str, upload: Upload) -> File:
+@closing_sessions  # in this thread: the request must not hold the connection on its way out
+def _validate_and_store(*, session: Session, settings: Settings, tenant_id: str, upload: Upload) -> File:
     try:
         _, summary = validate_dataset(upload.path, max_record_chars=settings.max_record_chars)
     except DatasetValidationError as err:
@@ -69,7 +70,7 @@ _MULTIPART_BODY = {
 async def upload_file(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> FileOut:
     upload = await receive_upload(request, settings)
     try:
-        file = await run_in_threadpool(_validate_and_store, session, settings, tenant.id, upload)
+        file = await run_in_threadpool(_validate_and_store, session=session, settings=settings, tenant_id=tenant.id, upload=upload)
     finally:
         upload.path.unlink(missing_ok=True)
     return FileOut.model_validate(file)

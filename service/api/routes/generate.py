@@ -202,8 +202,9 @@ def _generate_headers(result: GenerationResult) -> dict[str, str]:
 
 
 async def _generate(request: Request, body: GenerateRequest, tenant_id: str, session: Session, *, as_list: bool) -> Response:
+    engine = get_engine(request.app)  # first: a process that serves no generation says so at once
     params, target = await _prepare(body, tenant_id, session)
-    handle = await _submit(get_engine(request.app), body.inputs, params, target)
+    handle = await _submit(engine, body.inputs, params, target)
     result = await _result_unless_client_gone(request, handle)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -251,8 +252,9 @@ async def _events(handle: RequestHandle, details: bool) -> AsyncIterator[bytes]:
 
 
 async def _generate_stream(request: Request, body: GenerateRequest, tenant_id: str, session: Session) -> Response:
+    engine = get_engine(request.app)  # first: a process that serves no generation says so at once
     params, target = await _prepare(body, tenant_id, session)
-    handle = await _submit(get_engine(request.app), body.inputs, params, target)
+    handle = await _submit(engine, body.inputs, params, target)
     return EventStreamResponse(handle, params.details)
 
 

@@ -6,7 +6,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api.auth import TenantDep, get_owned
-from service.api.deps import CeleryDep, SessionDep, SettingsDep
+from service.api.deps import CeleryDep, SessionDep, SessionRoute, SettingsDep
 from service.api.errors import APIError, invalid_fields, reject_lone_surrogates
 from service.api.paging import EventPageDep, PageDep, page
 from service.api.schemas import JobCreate, JobError, JobEventOut, JobMetrics, JobOut, Page, Progress
@@ -16,7 +16,7 @@ from service.jobs.requests import InvalidJobRequest, check_job, request_hash
 from service.jobs.states import Status
 from service.models import Adapter, Job, JobEvent, JobFile
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=SessionRoute)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
