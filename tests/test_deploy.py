@@ -21,8 +21,12 @@ def test_env_example_names_real_settings_with_valid_values(monkeypatch):
     assert settings.auto_device_class == "gpu" and settings.adapter_cache_bytes == 4 << 30
 
 
-def test_systemd_units_run_existing_commands():
+def test_systemd_units_run_existing_commands_with_real_settings():
+    known = {f"RLORA_{name.upper()}" for name in Settings.model_fields}
     for unit in (DEPLOY / "systemd").glob("*.service"):
+        for name, value in re.findall(r"^Environment=(RLORA_\w+)=(.*)$", unit.read_text(), re.M):
+            assert name in known, (unit.name, name)
+            Settings(**{name.removeprefix("RLORA_").lower(): value})
         for command in re.findall(r"^Exec\w*=\S*/rlora (.+)$", unit.read_text(), re.M):
             subcommand = command.split()[0]
             # Every subcommand with its flags must be one the CLI accepts (its --help parses them).

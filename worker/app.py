@@ -1,4 +1,4 @@
-"""The Celery app of ``celery -A worker.app worker`` and ``rlora worker``, with its task.
+"""The Celery app of ``rlora worker`` (or ``celery -A worker.app worker``), with its task.
 
 Settings come from the environment of the worker process. Each message is a token: the task
 runs the next job its queue may start (worker.runner), chosen by the database.
@@ -10,7 +10,7 @@ import threading
 from functools import cache
 
 from celery.apps.worker import install_worker_term_handler
-from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from service.db import Database
 from service.jobs.queue import TASK_NAME, create_celery
@@ -20,6 +20,10 @@ from worker.runner import run_next
 
 settings = get_settings()
 app = create_celery(settings)
+# One job at a time, in the worker's own process, however it is started: the stop signals
+# reach the training loop only there (a forked pool child would never see them, and a stop
+# would wait for the whole job).
+app.conf.update(worker_pool="solo", worker_concurrency=1)
 
 # Set when this worker begins to shut down: its running job stops at the trainer's next
 # check and goes back to the queue.
@@ -28,15 +32,7 @@ shutting_down = threading.Event()
 
 @cache
 def database() -> Database:
-    # Made on first use, in the process that runs tasks (after any fork).
     return Database(settings.database)
-
-
-@worker_process_init.connect
-def _fresh_connections(**_) -> None:
-    # With a forking pool (celery -A worker.app worker), a child must not reuse the
-    # connections it inherited from the parent.
-    database().engine.dispose(close=False)
 
 
 @app.task(name=TASK_NAME, bind=True)

@@ -85,13 +85,13 @@ class _Run:
             if not self.owned:
                 return None
             return self._give_back() if self.shutting_down.is_set() else self._finish(Status.CANCELLED)
-        except (ValueError, LookupError) as err:
-            return self._finish(Status.FAILED, error=("invalid_input", str(err)))
         except Exception as err:  # noqa: BLE001 - any training failure is the job's outcome
             if self.shutting_down.is_set():
                 # Whatever broke while the worker stops is no verdict on the job: retry it.
                 log.exception("job %s: error while the worker shuts down", self.job.id)
                 return self._give_back()
+            if isinstance(err, (ValueError, LookupError)):
+                return self._finish(Status.FAILED, error=("invalid_input", str(err)))
             log.exception("job %s failed", self.job.id)
             return self._finish(Status.FAILED, error=("training_error", f"{type(err).__name__}: {err}"))
         finally:

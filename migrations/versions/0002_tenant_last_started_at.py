@@ -16,11 +16,14 @@ branch_labels = None
 depends_on = None
 
 
+# Plain ALTER TABLE on both databases (SQLite >= 3.35 drops columns): a batch operation would
+# copy and drop the tenants table on SQLite, and with foreign keys on, the drop cascades to
+# every tenant's keys, files, jobs and adapters.
+
+
 def upgrade() -> None:
-    with op.batch_alter_table('tenants', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('last_started_at', sa.DateTime(timezone=True), nullable=True))
+    op.add_column('tenants', sa.Column('last_started_at', sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('tenants', schema=None) as batch_op:
-        batch_op.drop_column('last_started_at')
+    op.drop_column('tenants', 'last_started_at')

@@ -21,6 +21,7 @@ TASK_NAME = "rlora.next_job"  # one argument: the queue the token came from
 DEVICE_CLASSES = ("cpu", "gpu")
 
 BROKER_TIMEOUT = 2.0  # seconds to connect to the broker before counting it down
+BROKER_READ_TIMEOUT = 10.0  # seconds a connected broker may take to answer
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,15 @@ def create_celery(settings: Settings) -> Celery:
             # Redis gives an unacknowledged token (its worker died) back after this many
             # seconds; the reconciler has long since sent a fresh one, so the late one only
             # finds nothing to start. Long, so that a running job's token is never doubled.
-            broker_transport_options={"visibility_timeout": 6 * 3600, "socket_connect_timeout": BROKER_TIMEOUT},
+            # Every socket call is bounded: a Redis that accepts connections but never answers
+            # (stopped, partitioned) must not hang a submission, /ready or the reconciler.
+            broker_transport_options={
+                "visibility_timeout": 6 * 3600,
+                "socket_connect_timeout": BROKER_TIMEOUT,
+                # Above kombu's 1 s BRPOP wait, on which a worker's consumer blocks legitimately.
+                "socket_timeout": BROKER_READ_TIMEOUT,
+                "socket_keepalive": True,
+            },
         )
     app.conf.update(config)
     return app
@@ -99,8 +108,8 @@ def send_token(app: Celery, queue: str) -> bool:
     """Tell ``queue``'s workers that a job can start; False (logged) if the broker is unreachable."""
     try:
         app.send_task(TASK_NAME, args=[queue], queue=queue)
-    except Exception:  # noqa: BLE001 - any broker failure leaves the token owed to the reconciler
-        log.warning("could not send a token to %s; the reconciler will", queue, exc_info=True)
+    except Exception as err:  # noqa: BLE001 - any broker failure leaves the token owed to the reconciler
+        log.warning("could not send a token to %s (%s: %s); the reconciler will", queue, type(err).__name__, err)
         return False
     return True
 

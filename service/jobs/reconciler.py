@@ -65,19 +65,20 @@ def top_up(settings: Settings, db: Database, celery: Celery) -> int | None:
         with db.session() as session:
             if not _owed(settings, session, waiting_tokens(celery, queues)):
                 return 0
-            if not scheduling.lock_top_up(session):
-                return 0  # another process is topping up now
-            # Counted again under the lock: the other process may just have sent them.
-            owed = _owed(settings, session, waiting_tokens(celery, queues))
-            sent = 0
-            for queue, count in owed.items():
-                for _ in range(count):
-                    if not send_token(celery, queue):
-                        return None
-                    sent += 1
-            session.commit()
+            with scheduling.top_up_lock(session) as locked:
+                if not locked:
+                    return 0  # another process is topping up now
+                # Counted again under the lock: the other process may just have sent them.
+                owed = _owed(settings, session, waiting_tokens(celery, queues))
+                sent = 0
+                for queue, count in owed.items():
+                    for _ in range(count):
+                        if not send_token(celery, queue):
+                            return None
+                        sent += 1
+                session.commit()
     except BrokerUnavailable as err:
-        log.warning("the broker does not answer (%s); tokens owed are sent when it does", err)
+        log.debug("the broker does not answer: %s", err)
         return None
     if sent:
         log.info("sent %d token(s): %s", sent, owed)
@@ -103,12 +104,19 @@ class Reconciler(threading.Thread):
 
     def run(self) -> None:
         next_lost_check = 0.0
+        broker_answered = True
         while True:
             try:
                 if time.monotonic() >= next_lost_check:
                     next_lost_check = time.monotonic() + self.settings.reconcile_interval
                     requeue_lost_jobs(self.settings, self.db)
-                top_up(self.settings, self.db, self.celery)
+                answered = top_up(self.settings, self.db, self.celery) is not None
+                if answered != broker_answered:  # logged when it changes, not at every pass
+                    if answered:
+                        log.warning("the broker answers again; tokens owed were sent")
+                    else:
+                        log.warning("the broker does not answer; tokens owed are sent when it does")
+                    broker_answered = answered
             except Exception:  # noqa: BLE001 - keep reconciling through a database hiccup
                 log.exception("reconcile pass failed")
             if self.stopped.wait(self.settings.queue_check_interval):

@@ -12,6 +12,10 @@ first (``BEGIN IMMEDIATE``), and the counts it reads stay true until it commits.
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, aliased
 
@@ -30,6 +34,9 @@ def _is_sqlite(session: Session) -> bool:
 def _begin_write(session: Session) -> None:
     """SQLite: take the database's write lock now, for the rest of this transaction. Must
     come before the transaction's first write (Python's sqlite3 begins one implicitly there)."""
+    if session.connection().connection.dbapi_connection.in_transaction:
+        # Too late: BEGIN would fail, and the counts read so far could be stale by the write.
+        raise RuntimeError("the SQLite write lock must be taken before the transaction's first write")
     session.execute(text("BEGIN IMMEDIATE"))
 
 
@@ -110,10 +117,29 @@ def startable_jobs(session: Session, queues: list[str], max_running: int) -> dic
     return counts
 
 
-def lock_top_up(session: Session) -> bool:
+@contextmanager
+def top_up_lock(session: Session) -> Iterator[bool]:
     """One process at a time compares the broker's tokens with the startable jobs and sends
-    the difference (else two would both send it); False if another one is doing it now."""
-    if _is_sqlite(session):
-        _begin_write(session)
-        return True
-    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(TOP_UP_LOCK_KEY))))
+    the difference (else two would both send it); yields False if another one is doing it now.
+
+    Held while the tokens are sent, so it must not be the database's write lock on SQLite (every
+    submission, claim and heartbeat would wait on the broker): there, a file lock beside the
+    database, since every process of an SQLite service shares one host.
+    """
+    if not _is_sqlite(session):
+        yield bool(session.scalar(select(func.pg_try_advisory_xact_lock(TOP_UP_LOCK_KEY))))
+        return
+    database = session.get_bind().url.database
+    if not database or database == ":memory:":
+        yield True  # a private database: no other process tops it up
+        return
+    with open(f"{database}.top-up.lock", "a") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)

@@ -75,14 +75,15 @@ def transition(
     """Move ``job_id`` from ``expected`` to ``new``, setting ``values``; True if this call won.
 
     ``attempt`` restricts the change to the worker holding that claim. A job asked to cancel
-    cannot succeed (the request may arrive while its adapter is being saved). The caller commits.
+    can neither succeed (the request may arrive while its adapter is being saved) nor go back
+    to the queue (while its worker stops). The caller commits.
     """
     if (expected, new) not in TRANSITIONS:
         raise InvalidTransition(job_id, expected, new)
     if new in TERMINAL:
         values.setdefault("finished_at", utcnow())
     conditions = _attempt_is(attempt)
-    if new == Status.SUCCEEDED:
+    if new == Status.SUCCEEDED or (expected, new) == (Status.RUNNING, Status.QUEUED):
         conditions += (Job.cancel_requested.is_(False),)
     return _set_if(session, job_id, expected, {"status": new, **values}, *conditions)
 
@@ -198,14 +199,15 @@ def requeue(session: Session, job: Job, attempt: int, reason: str) -> Status | N
     Only while ``attempt`` holds the job; returns the new status, or None if the job changed
     meanwhile. Committed.
     """
-    if session.scalar(select(Job.cancel_requested).where(Job.id == job.id)):
-        moved = _move(session, job, Status.RUNNING, Status.CANCELLED, "finished", {"reason": reason}, attempt=attempt)
-        return Status.CANCELLED if moved else None
-    moved = _move(
+    if _move(
         session, job, Status.RUNNING, Status.QUEUED, "requeued", {"reason": reason},
         attempt=attempt, enqueued_at=utcnow(), worker=None,
-    )
-    return Status.QUEUED if moved else None
+    ):
+        return Status.QUEUED
+    # Lost: the job changed meanwhile, or a cancel was asked for, which the move refuses (in
+    # the same statement, so a cancel that lands between two checks cannot be requeued).
+    moved = _move(session, job, Status.RUNNING, Status.CANCELLED, "finished", {"reason": reason}, attempt=attempt)
+    return Status.CANCELLED if moved else None
 
 
 def add_event(session: Session, job: Job, kind: str, data: dict[str, Any]) -> None:
