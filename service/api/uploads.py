@@ -10,6 +10,7 @@ from pathlib import Path, PurePath
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import APIError, invalid
 from service.api.staging import staging_file
@@ -129,7 +130,8 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
             if not part.ended:
                 raise invalid(FIELD, "malformed multipart body: it ends before its closing boundary (truncated upload?)")
             staged.flush()
-            os.fsync(staged.fileno())
+            # Up to max_upload_bytes reach the disk here: seconds, off the event loop.
+            await run_in_threadpool(os.fsync, staged.fileno())
         if not part.seen:
             raise invalid(FIELD, "no 'file' field in the multipart body")
         # NUL and other control characters out: no use in a name, and PostgreSQL refuses NUL.
