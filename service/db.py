@@ -36,7 +36,10 @@ def make_engine(url: str, pool_size: int = 5, pool_timeout: float = 30.0) -> Eng
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **pool)
+    # No pre-ping (a round trip on every checkout): a connection the server dropped fails its
+    # first statement, which invalidates every connection of the pool; the reads then run once
+    # more (auth.TenantReader) and any other request answers 503 (errors.py), never a 500.
+    return create_engine(url, **pool)
 
 
 class Database:

@@ -243,6 +243,35 @@ def test_a_database_outage_is_503_not_500(service_settings, tmp_path):  # noqa: 
         assert error_of(response, 503, "unavailable") and response.headers["retry-after"]
 
 
+
+def test_connections_the_database_dropped_cost_no_read_and_no_500(tmp_path):
+    """What a PostgreSQL restart does to the pool (every connection killed): a read runs again
+    on a fresh connection, any other request is at worst a 503, and the pool recovers."""
+    import psycopg
+    from conftest_service import POSTGRES_ADMIN_URL, fresh_postgres_database
+    from sqlalchemy.engine import make_url
+
+    with fresh_postgres_database() as url:
+        app = create_app(make_settings(tmp_path, url))
+        with TestClient(app) as client:
+            with app.state.db.session() as session:
+                _, key = create_tenant(session, f"drop-{secrets.token_hex(4)}")
+            client.headers["Authorization"] = f"Bearer {key}"
+            file_id = upload(client, client.headers, dataset()).json()["id"]
+
+            def drop_connections() -> None:
+                with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+                    admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                        (make_url(url).database,),
+                    )
+
+            drop_connections()
+            assert client.get(f"/v1/files/{file_id}").status_code == 200
+            drop_connections()
+            assert client.post("/v1/jobs", json=job_body(file_id)).status_code in (201, 503)
+            assert client.post("/v1/jobs", json=job_body(file_id)).status_code == 201
+
 # --- /generate (SQLite, the tiny model) ----------------------------------------------------------
 
 

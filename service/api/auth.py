@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, Row, Select, Table, bindparam, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -15,6 +17,9 @@ from service.api.errors import APIError, not_found
 from service.db import Database
 from service.ids import KEY_SHOWN_CHARS, could_exist, hash_api_key, new_api_key
 from service.models import ApiKey, Tenant
+
+
+T = TypeVar("T")
 
 
 class TenantExists(ValueError):
@@ -52,43 +57,100 @@ _TENANT_OF_KEY = (
 )
 
 
-def _tenant_of_key(db: Database, key_hash: str) -> AuthenticatedTenant | None:
-    # Its own connection, given back before the request goes on: the request never holds one
-    # while it waits for the next thread.
-    with db.engine.connect() as connection:
-        row = connection.execute(_TENANT_OF_KEY, {"key_hash": key_hash}).first()
-    return AuthenticatedTenant(id=row.id, name=row.name) if row else None
+def _tenant_of_key(connection: Connection, key_hash: str) -> AuthenticatedTenant:
+    row = connection.execute(_TENANT_OF_KEY, {"key_hash": key_hash}).first()
+    if row is None:
+        raise _unauthorized("invalid API key")
+    return AuthenticatedTenant(id=row.id, name=row.name)
 
 
-async def current_tenant(request: Request) -> AuthenticatedTenant:
+def _key_hash(request: Request) -> str:
     header = request.headers.get("authorization")
     if not header:
         raise _unauthorized("missing Authorization header; send 'Authorization: Bearer <key>'")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise _unauthorized("Authorization must be 'Bearer <key>'")
+    return hash_api_key(key.strip())
+
+
+def _checked_tenant(db: Database, key_hash: str) -> AuthenticatedTenant:
+    # Its own connection, given back before the request goes on: the request never holds one
+    # while it waits for the next thread.
+    with db.engine.connect() as connection:
+        return _tenant_of_key(connection, key_hash)
+
+
+async def current_tenant(request: Request) -> AuthenticatedTenant:
     # Looked up on every request (one indexed query, no cache), so a revoked key stops at once.
-    tenant = await run_in_threadpool(_tenant_of_key, request.app.state.db, hash_api_key(key.strip()))
-    if tenant is None:
-        raise _unauthorized("invalid API key")
-    return tenant
+    return await run_in_threadpool(_checked_tenant, request.app.state.db, _key_hash(request))
+
+
+def _read_with_tenant(db: Database, key_hash: str, read: Callable[[Connection, AuthenticatedTenant], T]) -> T:
+    # One checkout for the key and the read, given back in this thread.
+    with db.engine.connect() as connection:
+        return read(connection, _tenant_of_key(connection, key_hash))
+
+
+def _read_with_tenant_retried(db: Database, key_hash: str, read: Callable[[Connection, AuthenticatedTenant], T]) -> T:
+    try:
+        return _read_with_tenant(db, key_hash, read)
+    except DBAPIError as err:
+        # A connection the database dropped (a restart) invalidates the pool; the read, having
+        # written nothing, runs once more on a fresh connection.
+        if not err.connection_invalidated:
+            raise
+    return _read_with_tenant(db, key_hash, read)
+
+
+class TenantReader:
+    """Runs a read for the request's tenant: ``await reader(read)`` calls ``read(connection,
+    tenant)`` after the key lookup (every request, no cache), both in one thread hop on one
+    pooled connection. The authorised reads are ``async def`` endpoints using it; as sync
+    endpoints with ``TenantDep`` they cost three hops (the key, the endpoint, its response)."""
+
+    def __init__(self, db: Database, key_hash: str):
+        self._db = db
+        self._key_hash = key_hash
+
+    async def __call__(self, read: Callable[[Connection, AuthenticatedTenant], T]) -> T:
+        return await run_in_threadpool(_read_with_tenant_retried, self._db, self._key_hash, read)
+
+
+async def tenant_reader(request: Request) -> TenantReader:
+    # The header is checked here, first among the dependencies, as TenantDep checks it.
+    return TenantReader(request.app.state.db, _key_hash(request))
 
 
 TenantDep = Annotated[AuthenticatedTenant, Depends(current_tenant)]
+TenantReaderDep = Annotated[TenantReader, Depends(tenant_reader)]
+
+
+def where_owned(query: Select, table: Table) -> Select:
+    """``query`` narrowed to the row of ``table`` with the bound ``object_id`` and ``tenant_id``.
+    Build it once (building a statement per request costs more than running it)."""
+    return query.where(table.c.tenant_id == bindparam("tenant_id"), table.c.id == bindparam("object_id"))
 
 
 @cache
-def _owned_query(model: type):
-    # One statement per model, built once: building one per request costs more than running it.
-    return select(model).where(model.tenant_id == bindparam("tenant_id"), model.id == bindparam("object_id"))
+def _owned_objects(model: type) -> Select:
+    return where_owned(select(model), model.__table__)
 
 
-def get_owned(session: Session, model: type, tenant_id: str, object_id: str, kind: str):
-    """The tenant's ``model`` row ``object_id``; another tenant's, like a missing one, is a 404
-    (never a 403, which would confirm that the id exists)."""
-    row = None
-    if could_exist(object_id):
-        row = session.scalar(_owned_query(model), {"tenant_id": tenant_id, "object_id": object_id})
+def _owned(execute: Callable[..., Any], query: Select, tenant_id: str, object_id: str, kind: str) -> Any:
+    # Another tenant's object, like a missing one, is a 404 (never a 403, which would confirm
+    # that the id exists).
+    row = execute(query, {"tenant_id": tenant_id, "object_id": object_id}) if could_exist(object_id) else None
     if row is None:
         raise not_found(kind, object_id)
     return row
+
+
+def get_owned(session: Session, model: type, tenant_id: str, object_id: str, kind: str):
+    """The tenant's ``model`` object ``object_id`` (to change it in ``session``)."""
+    return _owned(session.scalar, _owned_objects(model), tenant_id, object_id, kind)
+
+
+def read_owned(connection: Connection | Session, query: Select, tenant_id: str, object_id: str, kind: str) -> Row:
+    """The tenant's row ``object_id`` of ``query`` (made by ``where_owned``), to read."""
+    return _owned(lambda statement, params: connection.execute(statement, params).first(), query, tenant_id, object_id, kind)

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Query
-from sqlalchemy import Select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Row, Select
 
 from service.api.deps import SettingsDep
 from service.api.errors import invalid
@@ -62,12 +61,12 @@ PageDep = Annotated[PageParams, Depends(page_params)]
 EventPageDep = Annotated[EventPageParams, Depends(event_page_params)]
 
 
-def page(session: Session, query: Select, id_column: Any, params: PageParams | EventPageParams) -> tuple[list[Any], str | None]:
+def page(connection: Connection, query: Select, id_column: Any, params: PageParams | EventPageParams) -> tuple[list[Row], str | None]:
     """One page of ``query``'s rows in the order of ``params``, and the cursor of the next (None at the end)."""
     if params.after is not None:
         query = query.where(id_column > params.after if params.oldest_first else id_column < params.after)
     order = id_column.asc() if params.oldest_first else id_column.desc()
-    rows = list(session.scalars(query.order_by(order).limit(params.limit + 1)))
+    rows = connection.execute(query.order_by(order).limit(params.limit + 1)).all()
     if len(rows) > params.limit:
         rows = rows[: params.limit]
         return rows, str(rows[-1].id)

@@ -5,11 +5,11 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from service.api.auth import TenantDep, get_owned
+from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep, get_owned, read_owned, where_owned
 from service.api.deps import SessionDep, SessionRoute, SettingsDep
 from service.api.errors import APIError
 from service.api.inference import evict_adapter
@@ -21,19 +21,27 @@ from service.api.schemas import AdapterOut, Deleted, Page
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], route_class=SessionRoute)
 
 
+_OWNED_ADAPTER_ROWS = where_owned(select(Adapter.__table__), Adapter.__table__)
+
+
 def get_adapter(session: Session, tenant_id: str, adapter_id: str) -> Adapter:
     return get_owned(session, Adapter, tenant_id, adapter_id, "adapter")
 
 
 @router.get("")
-def list_adapters(tenant: TenantDep, session: SessionDep, params: PageDep) -> Page[AdapterOut]:
-    rows, cursor = page(session, select(Adapter).where(Adapter.tenant_id == tenant.id), Adapter.id, params)
-    return Page(data=[AdapterOut.model_validate(row) for row in rows], next_cursor=cursor)
+async def list_adapters(read_as_tenant: TenantReaderDep, params: PageDep) -> Page[AdapterOut]:
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> Page[AdapterOut]:
+        rows, cursor = page(connection, select(Adapter.__table__).where(Adapter.tenant_id == tenant.id), Adapter.id, params)
+        return Page(data=[AdapterOut.model_validate(row) for row in rows], next_cursor=cursor)
+
+    return await read_as_tenant(read)
 
 
 @router.get("/{adapter_id}")
-def read_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep) -> AdapterOut:
-    return AdapterOut.model_validate(get_adapter(session, tenant.id, adapter_id))
+async def read_adapter(adapter_id: str, read_as_tenant: TenantReaderDep) -> AdapterOut:
+    return await read_as_tenant(
+        lambda connection, tenant: AdapterOut.model_validate(read_owned(connection, _OWNED_ADAPTER_ROWS, tenant.id, adapter_id, "adapter"))
+    )
 
 
 @router.get("/{adapter_id}/download", response_class=FileResponse)

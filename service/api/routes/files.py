@@ -1,11 +1,11 @@
 from fastapi import APIRouter, Request
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from rlora.data.records import DatasetValidationError, validate_dataset
 
-from service.api.auth import TenantDep, get_owned
+from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep, get_owned, read_owned, where_owned
 from service.api.deps import SessionDep, SessionRoute, SettingsDep, closing_sessions
 from service.api.errors import APIError
 from service.jobs.states import active_jobs_using_file
@@ -17,6 +17,9 @@ from service.jobs.storage import remove_blob_if_unused, store_blob
 from service.api.uploads import FIELD, Upload, receive_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"], route_class=SessionRoute)
+
+
+_OWNED_FILE_ROWS = where_owned(select(File.__table__), File.__table__)
 
 
 def get_file(session: Session, tenant_id: str, file_id: str) -> File:
@@ -77,14 +80,19 @@ async def upload_file(request: Request, tenant: TenantDep, session: SessionDep, 
 
 
 @router.get("")
-def list_files(tenant: TenantDep, session: SessionDep, params: PageDep) -> Page[FileOut]:
-    rows, cursor = page(session, select(File).where(File.tenant_id == tenant.id), File.id, params)
-    return Page(data=[FileOut.model_validate(row) for row in rows], next_cursor=cursor)
+async def list_files(read_as_tenant: TenantReaderDep, params: PageDep) -> Page[FileOut]:
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> Page[FileOut]:
+        rows, cursor = page(connection, select(File.__table__).where(File.tenant_id == tenant.id), File.id, params)
+        return Page(data=[FileOut.model_validate(row) for row in rows], next_cursor=cursor)
+
+    return await read_as_tenant(read)
 
 
 @router.get("/{file_id}")
-def read_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FileOut:
-    return FileOut.model_validate(get_file(session, tenant.id, file_id))
+async def read_file(file_id: str, read_as_tenant: TenantReaderDep) -> FileOut:
+    return await read_as_tenant(
+        lambda connection, tenant: FileOut.model_validate(read_owned(connection, _OWNED_FILE_ROWS, tenant.id, file_id, "file"))
+    )
 
 
 @router.delete("/{file_id}")

@@ -1,11 +1,11 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
-from sqlalchemy import select
+from sqlalchemy import Connection, Row, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.api.auth import TenantDep, get_owned
+from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep, get_owned, read_owned, where_owned
 from service.api.deps import CeleryDep, SessionDep, SessionRoute, SettingsDep
 from service.api.errors import APIError, invalid_fields, reject_lone_surrogates
 from service.api.paging import EventPageDep, PageDep, page
@@ -21,11 +21,23 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=SessionRoute)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
+# A job's columns and its adapter's id (None until it succeeds): what JobOut shows.
+_JOB_ROWS = select(Job.__table__, Adapter.__table__.c.id.label("adapter_id")).outerjoin(
+    Adapter.__table__, Adapter.__table__.c.job_id == Job.__table__.c.id
+)
+_OWNED_JOB_ROWS = where_owned(_JOB_ROWS, Job.__table__)
+
+
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return get_owned(session, Job, tenant_id, job_id, "job")
 
 
-def job_out(job: Job, adapter_id: str | None) -> JobOut:
+def read_job_row(connection: Connection | Session, tenant_id: str, job_id: str) -> Row:
+    """The tenant's job as a row of ``_JOB_ROWS``."""
+    return read_owned(connection, _OWNED_JOB_ROWS, tenant_id, job_id, "job")
+
+
+def job_out(job: Job | Row, adapter_id: str | None) -> JobOut:
     progress = None
     if job.step is not None:
         progress = Progress(
@@ -39,11 +51,6 @@ def job_out(job: Job, adapter_id: str | None) -> JobOut:
         metrics=job.metrics, adapter_id=adapter_id, error=error, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at,
     )
-
-
-def _adapter_ids(session: Session, job_ids: list[str]) -> dict[str, str]:
-    rows = session.execute(select(Adapter.job_id, Adapter.id).where(Adapter.job_id.in_(job_ids)))
-    return {job_id: adapter_id for job_id, adapter_id in rows}
 
 
 def _replay(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
@@ -73,7 +80,8 @@ def create_job(
         earlier = _replay(session, tenant.id, idempotency_key, digest)
         if earlier is not None:
             response.status_code = 200
-            return job_out(earlier, _adapter_ids(session, [earlier.id]).get(earlier.id))
+            row = read_job_row(session, tenant.id, earlier.id)
+            return job_out(row, row.adapter_id)
 
     try:
         checked = check_job(session, settings, tenant.id, body)
@@ -110,24 +118,28 @@ def create_job(
 
 
 @router.get("")
-def list_jobs(
-    tenant: TenantDep,
-    session: SessionDep,
+async def list_jobs(
+    read_as_tenant: TenantReaderDep,
     params: PageDep,
     status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
 ) -> Page[JobOut]:
-    query = select(Job).where(Job.tenant_id == tenant.id)
-    if status is not None:
-        query = query.where(Job.status == status)
-    rows, cursor = page(session, query, Job.id, params)
-    adapters = _adapter_ids(session, [job.id for job in rows])
-    return Page(data=[job_out(job, adapters.get(job.id)) for job in rows], next_cursor=cursor)
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> Page[JobOut]:
+        query = _JOB_ROWS.where(Job.tenant_id == tenant.id)
+        if status is not None:
+            query = query.where(Job.status == status)
+        rows, cursor = page(connection, query, Job.id, params)
+        return Page(data=[job_out(row, row.adapter_id) for row in rows], next_cursor=cursor)
+
+    return await read_as_tenant(read)
 
 
 @router.get("/{job_id}")
-def read_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
-    job = get_job(session, tenant.id, job_id)
-    return job_out(job, _adapter_ids(session, [job.id]).get(job.id))
+async def read_job(job_id: str, read_as_tenant: TenantReaderDep) -> JobOut:
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> JobOut:
+        row = read_job_row(connection, tenant.id, job_id)
+        return job_out(row, row.adapter_id)
+
+    return await read_as_tenant(read)
 
 
 @router.post("/{job_id}/cancel")
@@ -137,26 +149,34 @@ def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
         states.cancel(session, job)
     except states.InvalidTransition as err:
         raise APIError(409, "invalid_transition", str(err)) from None
-    session.refresh(job)
-    return job_out(job, _adapter_ids(session, [job.id]).get(job.id))
+    row = read_job_row(session, tenant.id, job_id)
+    return job_out(row, row.adapter_id)
 
 
 @router.get("/{job_id}/events")
-def list_events(job_id: str, tenant: TenantDep, session: SessionDep, params: EventPageDep) -> Page[JobEventOut]:
-    get_job(session, tenant.id, job_id)
-    query = select(JobEvent).where(JobEvent.tenant_id == tenant.id, JobEvent.job_id == job_id)
-    rows, cursor = page(session, query, JobEvent.id, params)
-    return Page(data=[JobEventOut.model_validate(row) for row in rows], next_cursor=cursor)
+async def list_events(job_id: str, read_as_tenant: TenantReaderDep, params: EventPageDep) -> Page[JobEventOut]:
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> Page[JobEventOut]:
+        read_job_row(connection, tenant.id, job_id)
+        query = select(JobEvent.__table__).where(JobEvent.tenant_id == tenant.id, JobEvent.job_id == job_id)
+        rows, cursor = page(connection, query, JobEvent.id, params)
+        return Page(data=[JobEventOut.model_validate(row) for row in rows], next_cursor=cursor)
+
+    return await read_as_tenant(read)
 
 
 @router.get("/{job_id}/metrics")
-def job_metrics(job_id: str, tenant: TenantDep, session: SessionDep) -> JobMetrics:
-    job = get_job(session, tenant.id, job_id)
-    if job.metrics is not None:
-        return JobMetrics(job_id=job.id, status=job.status, final=True, train_loss=job.metrics.get("train_loss", []), metrics=job.metrics)
-    # Until the job has its final metrics, the curve is what progress events recorded.
-    events = session.scalars(
-        select(JobEvent).where(JobEvent.tenant_id == tenant.id, JobEvent.job_id == job.id, JobEvent.kind == "progress").order_by(JobEvent.id)
-    )
-    curve = [{"step": e.data["step"], "loss": e.data["loss"]} for e in events if e.data.get("loss") is not None]
-    return JobMetrics(job_id=job.id, status=job.status, final=False, train_loss=curve, metrics=None)
+async def job_metrics(job_id: str, read_as_tenant: TenantReaderDep) -> JobMetrics:
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> JobMetrics:
+        job = read_job_row(connection, tenant.id, job_id)
+        if job.metrics is not None:
+            return JobMetrics(job_id=job.id, status=job.status, final=True, train_loss=job.metrics.get("train_loss", []), metrics=job.metrics)
+        # Until the job has its final metrics, the curve is what progress events recorded.
+        events = connection.execute(
+            select(JobEvent.data)
+            .where(JobEvent.tenant_id == tenant.id, JobEvent.job_id == job.id, JobEvent.kind == "progress")
+            .order_by(JobEvent.id)
+        )
+        curve = [{"step": data["step"], "loss": data["loss"]} for (data,) in events if data.get("loss") is not None]
+        return JobMetrics(job_id=job.id, status=job.status, final=False, train_loss=curve, metrics=None)
+
+    return await read_as_tenant(read)
