@@ -8,12 +8,15 @@ from functools import cache
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from pydantic import BaseModel
 from sqlalchemy import Connection, Row, Select, Table, bindparam, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import APIError, not_found
+from service.api.paging import PageParams, page
+from service.api.schemas import Page
 from service.db import Database
 from service.ids import KEY_SHOWN_CHARS, could_exist, hash_api_key, new_api_key
 from service.models import ApiKey, Tenant
@@ -154,3 +157,14 @@ def get_owned(session: Session, model: type, tenant_id: str, object_id: str, kin
 def read_owned(connection: Connection | Session, query: Select, tenant_id: str, object_id: str, kind: str) -> Row:
     """The tenant's row ``object_id`` of ``query`` (made by ``where_owned``), to read."""
     return _owned(lambda statement, params: connection.execute(statement, params).first(), query, tenant_id, object_id, kind)
+
+
+async def list_owned(read_as_tenant: TenantReader, model: type, schema: type[BaseModel], params: PageParams) -> Page:
+    """A page of the tenant's ``model`` rows (newest first) as ``schema`` objects."""
+
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> Page:
+        rows, cursor = page(connection, select(model.__table__).where(model.tenant_id == tenant.id), model.id, params)
+        return Page(data=[schema.model_validate(row) for row in rows], next_cursor=cursor)
+
+    return await read_as_tenant(read)
+

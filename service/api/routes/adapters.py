@@ -5,17 +5,17 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
-from sqlalchemy import Connection, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep, get_owned, read_owned, where_owned
+from service.api.auth import TenantDep, TenantReaderDep, get_owned, list_owned, read_owned, where_owned
 from service.api.deps import SessionDep, SessionRoute, SettingsDep
 from service.api.errors import APIError
 from service.api.inference import evict_adapter
 from service.api.staging import staging_file
 from service.models import Adapter
-from service.api.paging import PageDep, page
+from service.api.paging import PageDep
 from service.api.schemas import AdapterOut, Deleted, Page
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], route_class=SessionRoute)
@@ -30,11 +30,7 @@ def get_adapter(session: Session, tenant_id: str, adapter_id: str) -> Adapter:
 
 @router.get("")
 async def list_adapters(read_as_tenant: TenantReaderDep, params: PageDep) -> Page[AdapterOut]:
-    def read(connection: Connection, tenant: AuthenticatedTenant) -> Page[AdapterOut]:
-        rows, cursor = page(connection, select(Adapter.__table__).where(Adapter.tenant_id == tenant.id), Adapter.id, params)
-        return Page(data=[AdapterOut.model_validate(row) for row in rows], next_cursor=cursor)
-
-    return await read_as_tenant(read)
+    return await list_owned(read_as_tenant, Adapter, AdapterOut, params)
 
 
 @router.get("/{adapter_id}")

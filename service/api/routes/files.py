@@ -1,16 +1,16 @@
 from fastapi import APIRouter, Request
-from sqlalchemy import Connection, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from rlora.data.records import DatasetValidationError, validate_dataset
 
-from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep, get_owned, read_owned, where_owned
+from service.api.auth import TenantDep, TenantReaderDep, get_owned, list_owned, read_owned, where_owned
 from service.api.deps import SessionDep, SessionRoute, SettingsDep, closing_sessions
 from service.api.errors import APIError
 from service.jobs.states import active_jobs_using_file
 from service.models import File
-from service.api.paging import PageDep, page
+from service.api.paging import PageDep
 from service.api.schemas import Deleted, FileOut, Page
 from service.settings import Settings
 from service.jobs.storage import remove_blob_if_unused, store_blob
@@ -81,11 +81,7 @@ async def upload_file(request: Request, tenant: TenantDep, session: SessionDep, 
 
 @router.get("")
 async def list_files(read_as_tenant: TenantReaderDep, params: PageDep) -> Page[FileOut]:
-    def read(connection: Connection, tenant: AuthenticatedTenant) -> Page[FileOut]:
-        rows, cursor = page(connection, select(File.__table__).where(File.tenant_id == tenant.id), File.id, params)
-        return Page(data=[FileOut.model_validate(row) for row in rows], next_cursor=cursor)
-
-    return await read_as_tenant(read)
+    return await list_owned(read_as_tenant, File, FileOut, params)
 
 
 @router.get("/{file_id}")
