@@ -13,8 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 TINY_MODEL_NAME = "tiny"
 
 # Byte-level vocabulary: the 256 bytes, then the special tokens. Every text round-trips.
@@ -94,6 +92,9 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
 
     The weights depend only on ``seed``. An existing complete folder is left as it is.
     """
+    # Imported here, as build_tokenizer does: naming the tiny model (the service's model list)
+    # needs neither torch nor transformers.
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
