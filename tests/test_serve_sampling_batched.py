@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from rlora.serve.params import MAX_SEED, GenerationParams
-from rlora.serve.sampling import BatchSampler, _gumbel_noise, _random_bits, logits_processors
+from transformers.generation import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from rlora.serve.sampling import _FINFO, BatchSampler, _gumbel_noise, _random_bits, _within_float32
 
 VOCAB = 40
 
@@ -26,6 +35,41 @@ MIXED = {
     "everything": GenerationParams(temperature=1.5, top_k=10, top_p=0.9, repetition_penalty=1.2, seed=4),
     "penalty and temperature": GenerationParams(temperature=0.3, repetition_penalty=2.5, seed=10),
 }
+
+
+# The reference: one request's processors as transformers' `generate` would run them.
+
+
+class _FiniteScores(LogitsProcessor):
+    """After an extreme (valid) repetition penalty: a score pushed to +inf is capped to the
+    largest float and a NaN becomes -inf, so the softmax stays a distribution."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return torch.nan_to_num(scores, nan=float("-inf"), posinf=_FINFO.max)
+
+
+class _BestScoreAtZero(LogitsProcessor):
+    """Shifts the best score to 0 before the temperature divides (the softmax does not change):
+    a tiny temperature then sends the other scores to -inf rather than the best to +inf (NaN)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores - scores.max(-1, keepdim=True).values
+
+
+def logits_processors(params: GenerationParams) -> LogitsProcessorList:
+    """The processors of one request; empty when it chooses by plain argmax. The warpers only
+    when sampling (TGI: any warper turns sampling on, see `GenerationParams.sampling`)."""
+    processors = LogitsProcessorList()
+    if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
+        processors += [RepetitionPenaltyLogitsProcessor(_within_float32(params.repetition_penalty)), _FiniteScores()]
+    if params.sampling:
+        if params.temperature is not None and params.temperature != 1.0:
+            processors += [_BestScoreAtZero(), TemperatureLogitsWarper(_within_float32(params.temperature))]
+        if params.top_k:
+            processors.append(TopKLogitsWarper(params.top_k))  # it caps top_k at the vocabulary
+        if params.top_p is not None and params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+    return processors
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -6,11 +6,15 @@ service's (``service/api/tgi.py``). The modules, in the order a request meets th
     engine        InferenceEngine: base models by name, the adapter cache, submit/evict/close
     params        GenerationParams (value checks against Limits), GenerationResult, StreamEvent
     handle        RequestHandle (threads and asyncio), RequestCancelled/EngineOverloaded/EngineClosed
-    scheduler     BaseModelRunner: one base model's decode loop (admission, prefill, decode steps)
-    request       one running request: its tokens, text, stop checks and result
-    batch         the running batch's rows, KV cache and masks
-    multi_linear  MultiAdapterLinear and the per-batch layer plans (routing recorded there)
-    sampling      choosing tokens (transformers' logits processors), per-request seeded
+    scheduler     BaseModelRunner: one base model's loop (admission, prefill chunks, decode steps)
+    request       one running request: the loop's bookkeeping, its tokens, text, stops and result
+    kv_cache      SlotKVCache: the KV cache allocated once, a slot per row
+    slots         AdapterSlots: the running requests' adapters in fixed slots of per-layer tables
+    multi_linear  MultiAdapterLinear: each row's adapter read from the slot tables (routing recorded there)
+    batch         bucketed step sizes, prefill chunks, attention masks
+    graphs        CapturedSteps: decode steps as CUDA graphs, one per shape
+    sampling      BatchSampler: every row's token at once on the device, per-request seeded draws
+    output        OutputThread: detokenising, stop sequences and events off the loop's thread
     detokenize    incremental detokenisation
     stopping      eos, length and stop sequences
     adapters      adapter folders packed for serving, the byte-bounded LRU cache

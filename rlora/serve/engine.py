@@ -29,7 +29,8 @@ class InferenceEngine:
 
     ``cache_dir`` (where built-in models are built) and ``models_dir`` are those of
     `rlora.basemodels.resolve_base_model`; ``device`` and ``dtype`` are given to
-    `rlora.basemodels.load_base_model`.
+    `rlora.basemodels.load_base_model`. On a GPU each base model's decode steps run as captured
+    CUDA graphs unless ``cuda_graphs`` is False.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class InferenceEngine:
         dtype: torch.dtype | None = None,
         limits: Limits | None = None,
         default_base_model: str | None = None,
+        cuda_graphs: bool = True,
     ):
         self.models_dir = models_dir
         self.cache_dir = cache_dir
@@ -49,6 +51,7 @@ class InferenceEngine:
         self.dtype = dtype
         self.limits = limits or Limits()
         self.default_base_model = default_base_model
+        self.cuda_graphs = cuda_graphs
         self.adapters = AdapterCache(adapter_cache_bytes)
         self._runners: dict[str, BaseModelRunner] = {}
         self._models_lock = threading.Lock()
@@ -67,7 +70,7 @@ class InferenceEngine:
             if runner is None:
                 path = resolve_base_model(name, self.models_dir, self.cache_dir)
                 model, tokenizer = load_base_model(path, dtype=self.dtype, device=self.device)
-                runner = BaseModelRunner(name, model, tokenizer, self.limits)
+                runner = BaseModelRunner(name, model, tokenizer, self.limits, cuda_graphs=self.cuda_graphs)
                 self._runners[name] = runner
             return runner
 

@@ -50,8 +50,10 @@ class Limits:
     default_max_new_tokens: int = 100  # when a request leaves it out (capped by the total)
     max_stop_sequences: int = 4
     max_stop_chars: int = 256
-    max_batch_size: int = 64  # rows decoded together per base model
-    max_prefill_tokens: int = 8192  # padded prompt tokens admitted in one prefill
+    max_batch_size: int = 64  # rows decoded together per base model (KV cache slots)
+    max_batch_adapters: int = 16  # distinct adapters in one base model's batch (slot table size)
+    max_prefill_tokens: int = 8192  # padded prompt tokens in one prefill forward while nothing decodes
+    prefill_chunk_tokens: int = 512  # ... and while rows decode: long prompts go in chunks between steps
     max_queue: int = 1024  # waiting requests per base model before `EngineOverloaded`
 
     def resolved(self, model_max_positions: int | None) -> "Limits":

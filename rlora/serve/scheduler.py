@@ -1,19 +1,32 @@
-"""`BaseModelRunner`: one served base model and the continuously batched decode loop that serves
-every adapter on it.
+"""`BaseModelRunner`: one served base model and the continuously batched loop that serves every
+adapter on it.
 
 The runner owns the model and runs its loop in one background thread; only that thread runs
 forward passes. Callers (any thread) `submit` requests: validation and tokenization happen in the
 caller's thread, then the request is queued and the call returns a `RequestHandle` at once.
-Between decode steps the loop admits queued requests (prefills them as one left-padded batch
-and merges them into the running batch, KV caches included), runs one decode step for every
-running row, and drops rows that finished or were cancelled, so a long request never holds up
-short ones.
+
+Everything a step touches is allocated once, so a decode step has a few static shapes and runs
+as a captured CUDA graph on a GPU (`graphs.CapturedSteps`):
+
+* the KV cache has a slot per row (`kv_cache.SlotKVCache`): a request holds one from admission
+  to its end, writing at its own positions, so requests join and leave without copying;
+* the adapters of the running requests sit in slot tables (`slots.AdapterSlots`); each row
+  carries its adapter's slot, so another mix of adapters is other data, not another graph;
+* tokens are chosen for every row at once on the device (`sampling.BatchSampler`), and the
+  text, stop sequences and events are made by the output thread (`output.OutputThread`).
+
+Each turn of the loop admits queued requests into free slots, prefills one chunk of prompt
+tokens (smaller while rows are decoding, so a long prompt does not stall them), and runs one
+decode step for the rows past their prompts: slots [0, B) with B and the attended width
+bucketed to powers of two; slots in that range that are not decoding write to a scratch column.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import inspect
+import logging
 import threading
 from collections import deque
 from typing import Any, Callable, Sequence
@@ -25,34 +38,39 @@ from ..adapter.folder import base_model_fingerprint
 from ..basemodels import eos_token_ids
 from ..data.tokenize import keep_last, left_pad, with_bos
 from .adapters import LoadedAdapter
-from .batch import RunningBatch, additive_mask, prefill_mask, prefill_positions
+from .batch import additive_mask, bucket, decode_mask, prefill_chunk, prefill_mask, prefill_positions
 from .detokenize import IncrementalDecoder
+from .graphs import CapturedSteps
 from .handle import EngineClosed, EngineOverloaded, RequestCancelled, RequestHandle
-from .multi_linear import BatchPlans, ForwardContext, wrap_linears
+from .kv_cache import SlotKVCache
+from .multi_linear import ForwardContext, wrap_linears
+from .output import OutputThread
 from .params import GenerationParams, GenerationValidationError, Limits
-from .request import ActiveRequest, LogitsRow
-from .sampling import TokenChooser, choose_tokens
+from .request import ActiveRequest
+from .sampling import BatchSampler
+from .slots import AdapterSlots
 from .stopping import StopCriteria
+
+log = logging.getLogger(__name__)
+
+# The smallest attended width of a decode step: fewer shapes to capture for short requests.
+_MIN_WIDTH = 64
 
 
 class BaseModelRunner:
-    """One base model, its tokenizer, and the decode loop serving every adapter on it."""
+    """One base model, its tokenizer, and the loop serving every adapter on it."""
 
-    def __init__(self, name: str, model, tokenizer, limits: Limits):
+    def __init__(self, name: str, model, tokenizer, limits: Limits, cuda_graphs: bool = True):
         self.name = name
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = tokenizer
         # Fast tokenizers can refuse concurrent use ("Already borrowed"): submitters encode while
-        # the loop decodes, so both take this lock.
+        # the output thread decodes, so both take this lock.
         self._tokenizer_lock = threading.Lock()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.fingerprint = base_model_fingerprint(model)
-        self.context = ForwardContext()
-        layers = wrap_linears(model, self.context)
-        self.linear_shapes = {p: tuple(m.base_layer.weight.shape) for p, m in layers.items()}
-        self._plans = BatchPlans(layers, self.linear_shapes, self.device, self.dtype)
         config = model.config
         self.limits = limits.resolved(getattr(config, "max_position_embeddings", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -60,14 +78,28 @@ class BaseModelRunner:
         self.special_ids = set(tokenizer.all_special_ids)
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._has_logits_to_keep = "logits_to_keep" in params
         kinds = {type(layer).__name__ for layer in getattr(DynamicCache(config=config), "layers", [])}
         if kinds - {"DynamicLayer"}:
-            # Merging and trimming caches assumes full-attention layers that keep every position.
+            # The slot cache keeps every position of every layer: full attention only.
             raise NotImplementedError(f"base model {name!r} has cache layers {sorted(kinds)}; only full attention is supported")
         if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-            model.set_attn_implementation("sdpa")  # the engine builds its own 4-D masks
-        self._batch = RunningBatch(config, self.device)  # touched by the loop thread only
+            model.set_attn_implementation("sdpa")  # the runner builds its own 4-D masks
+        self.context = ForwardContext()
+        layers = wrap_linears(model, self.context)
+        self.linear_shapes = {p: tuple(m.base_layer.weight.shape) for p, m in layers.items()}
+        self.adapter_slots = AdapterSlots(layers, self.limits.max_batch_adapters, self.device, self.dtype)
+        rows = self._rows_that_fit(config)
+        self.cache = SlotKVCache(config, rows, self.limits.max_total_tokens, self.device, self.dtype)
+        self.sampler = BatchSampler(rows, config.vocab_size, self.device)
+        self.graphs = CapturedSteps(self.device, cuda_graphs)
+        # Per-slot inputs of a decode step, read by the captured graphs (fixed storage).
+        self._next_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._positions = torch.full((rows,), self.cache.scratch, dtype=torch.long, device=self.device)
+        self._row_slots = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._row_on = torch.zeros(rows, dtype=torch.float32, device=self.device)
+        self._rows: list[ActiveRequest | None] = [None] * rows  # by slot; touched by the loop thread only
+        self._graphs_version = self.adapter_slots.version
+        self._output = OutputThread(name)
         # Queue shared with submitters.
         self._cv = threading.Condition()
         self._pending: deque[ActiveRequest] = deque()
@@ -75,8 +107,27 @@ class BaseModelRunner:
         self._closed = False
         self._next_id = 0
         self.steps = 0  # decode steps run, for tests and stats
+        self.max_rows = 0  # the most rows decoded in one step
         self._thread = threading.Thread(target=self._loop, name=f"rlora-inference-{name}", daemon=True)
         self._thread.start()
+
+    def _rows_that_fit(self, config) -> int:
+        """``max_batch_size``, or fewer on a GPU where that many full-length KV cache rows would
+        take more than half of the free memory (then ``limits`` says the smaller size)."""
+        rows = self.limits.max_batch_size
+        if self.device.type != "cuda":
+            return rows
+        per_row = SlotKVCache.row_bytes(config, self.limits.max_total_tokens, self.dtype)
+        fits = torch.cuda.mem_get_info(self.device)[0] // 2 // per_row
+        if fits < 1:
+            raise RuntimeError(
+                f"base model {self.name!r}: one KV cache row of {self.limits.max_total_tokens} tokens takes {per_row} bytes, "
+                "over half the free GPU memory; lower max_total_tokens"
+            )
+        if fits < rows:
+            log.warning("base model %r: KV cache for %d rows of %d tokens (not %d): GPU memory", self.name, fits, self.limits.max_total_tokens, rows)
+            self.limits = dataclasses.replace(self.limits, max_batch_size=int(fits))
+        return self.limits.max_batch_size
 
     # -- submission (any thread) --
 
@@ -120,7 +171,6 @@ class BaseModelRunner:
                 f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
                 f"Given: {n} `inputs` tokens and {max_new} `max_new_tokens`",
             )
-        chooser = TokenChooser(params, prompt)
         stopping = StopCriteria(max_new, frozenset() if params.ignore_eos_token else self.eos_ids, params.stop)
         with self._cv:
             if self._closed:
@@ -131,7 +181,7 @@ class BaseModelRunner:
             handle = RequestHandle(self._next_id, params, n)
             request = ActiveRequest(
                 handle=handle, params=params, adapter=adapter, prompt=prompt, prompt_text=text,
-                chooser=chooser, stopping=stopping, decoder=IncrementalDecoder(self._decode, prompt),
+                stopping=stopping, decoder=IncrementalDecoder(self._decode, prompt),
             )
             handle._on_cancel = self._wake
             self._pending.append(request)
@@ -143,7 +193,7 @@ class BaseModelRunner:
             self._cv.notify_all()
 
     def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Run ``fn`` in the decode loop's thread, between steps, and return its result."""
+        """Run ``fn`` in the loop's thread, between steps, and return its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             if self._closed:
@@ -154,14 +204,26 @@ class BaseModelRunner:
 
     def logits(self, sequences: Sequence[Sequence[int]], adapters: Sequence[LoadedAdapter | None]) -> list[torch.Tensor]:
         """Full-sequence logits of each sequence with its adapter, computed in one batch (left
-        padded) by the serving path; ``[i]`` is (len_i, vocab). For tests and diagnostics."""
+        padded, no cache) through the served layers; ``[i]`` is (len_i, vocab). For tests and
+        diagnostics; raises RuntimeError when the adapter slots are all held by running requests."""
         def job():
-            ids, mask = self._left_pad(sequences)
-            self._plans.set([LogitsRow(a) for a in adapters])
-            self.context.token_mask, self.context.record_routing = mask, False
-            out = self.model(input_ids=ids, attention_mask=additive_mask(prefill_mask(mask), self.dtype), position_ids=prefill_positions(mask), use_cache=False)
-            self._plans.set(self._batch.rows)
-            return [out.logits[i, mask.shape[1] - len(s):].float().cpu() for i, s in enumerate(sequences)]
+            slots = []
+            try:
+                for adapter in adapters:
+                    slot = -1 if adapter is None else self.adapter_slots.acquire(adapter)
+                    if slot is None:
+                        raise RuntimeError("every adapter slot is in use by running requests")
+                    slots.append(slot)
+                ids, mask = left_pad(sequences, self.pad_id, self.device)
+                mask = mask.bool()
+                self._set_adapters(slots, mask)
+                out = self.model(input_ids=ids, attention_mask=additive_mask(prefill_mask(mask), self.dtype),
+                                 position_ids=prefill_positions(mask), use_cache=False)
+                return [out.logits[i, mask.shape[1] - len(s):].float().cpu() for i, s in enumerate(sequences)]
+            finally:
+                for slot in slots:
+                    if slot >= 0:
+                        self.adapter_slots.release(slot)
         return self.call(job)
 
     @property
@@ -170,31 +232,27 @@ class BaseModelRunner:
 
     @property
     def running(self) -> int:
-        return len(self._batch)
-
-    @property
-    def max_rows(self) -> int:
-        """The largest batch decoded so far."""
-        return self._batch.max_rows
+        return sum(row is not None for row in self._rows)
 
     def close(self) -> None:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
+        self._output.close()
 
-    # -- the decode loop (its own thread) --
+    # -- the loop (its own thread) --
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._pending and not self._batch.rows and not self._jobs:
+                while not self._closed and not self._pending and not self.running and not self._jobs:
                     self._cv.wait()
                 if self._closed:
                     break
                 jobs = list(self._jobs)
                 self._jobs.clear()
-                admitted = self._admit()
+                candidates = self._take_pending()
             try:
                 with torch.inference_mode():
                     for fn, future in jobs:
@@ -202,57 +260,88 @@ class BaseModelRunner:
                             future.set_result(fn())
                         except BaseException as err:  # noqa: BLE001 - handed to the caller
                             future.set_exception(err)
-                    self._drop_cancelled()
-                    if admitted:
-                        self._prefill(admitted)
-                    if self._batch.rows:
-                        self._decode_step()
+                    self._admit(candidates)
+                    self._drop_ended()
+                    self._prefill()
+                    self._decode_step()
             except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the loop
-                for request in self._batch.rows + [r for r in admitted if not r.handle.done()]:
-                    request.handle._close(error=err)
-                self._reset_batch()
+                for request in [r for r in self._rows if r is not None]:
+                    self._free(request)
+                    self._output.submit(lambda r=request, e=err: r.handle._close(error=e))
         error = EngineClosed("the inference engine is shut down")
         with self._cv:
-            leftovers = list(self._pending) + self._batch.rows
+            leftovers = list(self._pending) + [r for r in self._rows if r is not None]
             self._pending.clear()
             jobs = list(self._jobs)
         for request in leftovers:
-            request.handle._close(error=error)
+            self._output.submit(lambda r=request: r.handle._close(error=error))
         for _, future in jobs:
             future.set_exception(error)
 
-    def _admit(self) -> list[ActiveRequest]:
-        """Queued requests that fit the batch now (called with ``_cv`` held)."""
-        admitted = []
-        room = self.limits.max_batch_size - len(self._batch)
-        while self._pending and len(admitted) < room:
-            request = self._pending[0]
+    def _take_pending(self) -> list[ActiveRequest]:
+        """Queued requests for the free rows (called with ``_cv`` held); cancelled ones end here."""
+        taken = []
+        room = self._rows.count(None)
+        while self._pending and len(taken) < room:
+            request = self._pending.popleft()
             if request.handle.cancelled:
-                self._pending.popleft()
                 request.handle._close(error=RequestCancelled("request cancelled"))
                 continue
-            width = max([len(r.prompt) for r in admitted] + [len(request.prompt)])
-            if admitted and width * (len(admitted) + 1) > self.limits.max_prefill_tokens:
-                break
-            self._pending.popleft()
-            admitted.append(request)
-        return admitted
+            taken.append(request)
+        return taken
 
-    def _reset_batch(self) -> None:
-        self._batch.clear()
-        self._plans.set([])
+    def _admit(self, candidates: list[ActiveRequest]) -> None:
+        """Give each candidate a row and its adapter a slot; those whose adapter finds no free
+        slot go back to the front of the queue, in order."""
+        waiting = []
+        for request in candidates:
+            if request.adapter is not None:
+                slot = self.adapter_slots.acquire(request.adapter)
+                if slot is None:
+                    waiting.append(request)
+                    continue
+                request.adapter_slot = slot
+            request.slot = self._rows.index(None)  # the lowest free row: the decode batch stays dense
+            self._rows[request.slot] = request
+            request.seed = self.sampler.set_row(request.slot, request.params, request.prompt)
+        if waiting:
+            with self._cv:
+                self._pending.extendleft(reversed(waiting))
+        if self.adapter_slots.version != self._graphs_version:  # tables reallocated: graphs read old ones
+            self.graphs.clear()
+            self._graphs_version = self.adapter_slots.version
 
-    def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids and the token mask as bool, on the model's device."""
-        ids, mask = left_pad(prompts, self.pad_id, self.device)
-        return ids, mask.bool()
+    def _drop_ended(self) -> None:
+        """Free the rows of requests cancelled or ended by a stop sequence (output thread)."""
+        for request in [r for r in self._rows if r is not None]:
+            if request.handle.cancelled:
+                self._free(request)
+                self._output.submit(lambda r=request: r.handle._close(error=RequestCancelled("request cancelled")))
+            elif request.handle.done():
+                self._free(request)
 
-    def _forward(self, ids, attention_mask, positions, cache, keep_all: bool):
-        kwargs = {"input_ids": ids, "attention_mask": additive_mask(attention_mask, self.dtype), "position_ids": positions,
-                  self._cache_kwarg: cache, "use_cache": True}
-        if self._has_logits_to_keep and not keep_all:
-            kwargs["logits_to_keep"] = 1
-        return self.model(**kwargs).logits
+    def _free(self, request: ActiveRequest) -> None:
+        slot = request.slot
+        self._rows[slot] = None
+        self._positions[slot] = self.cache.scratch
+        self._row_on[slot] = 0.0
+        self.sampler.free_row(slot)
+        if request.adapter_slot >= 0:
+            self.adapter_slots.release(request.adapter_slot)
+            request.adapter_slot = -1
+
+    def _set_adapters(self, adapter_slots: Sequence[int], token_mask: torch.Tensor | None) -> None:
+        """The forward context of an eager pass over rows with these adapter slots (-1: none)."""
+        used = [s for s in adapter_slots if s >= 0]
+        self.context.row_slots = torch.tensor([max(s, 0) for s in adapter_slots], dtype=torch.long, device=self.device)
+        self.context.row_on = torch.tensor([float(s >= 0) for s in adapter_slots], device=self.device)
+        self.context.slots_used = max(used) + 1 if used else 0
+        self.context.token_mask = token_mask
+        self.context.routing = None
+
+    def _forward(self, **kwargs) -> torch.Tensor:
+        kwargs[self._cache_kwarg] = self.cache
+        return self.model(use_cache=True, **kwargs).logits
 
     def _decode(self, ids: Sequence[int]) -> str:
         with self._tokenizer_lock:
@@ -260,63 +349,141 @@ class BaseModelRunner:
 
     # Steps.
 
-    def _prefill(self, requests: list[ActiveRequest]) -> None:
-        ids, mask = self._left_pad([r.prompt for r in requests])
-        self._plans.set(requests)
-        self.context.token_mask = mask
-        self.context.record_routing = any(r.wants_routing for r in requests)
-        cache = DynamicCache(config=self.model.config)
-        keep_all = any(r.params.decoder_input_details for r in requests)
-        logits = self._forward(ids, prefill_mask(mask), prefill_positions(mask), cache, keep_all)
+    def _prefill(self) -> None:
+        """One chunk of prompt tokens of the rows still in their prompts, oldest first, within the
+        token budget (padded tokens)."""
+        waiting = sorted((r for r in self._rows if r is not None and not r.decoding), key=lambda r: r.handle.id)
+        if not waiting:
+            return
+        decoding = any(r is not None and r.decoding for r in self._rows)
+        budget = self.limits.prefill_chunk_tokens if decoding else self.limits.max_prefill_tokens
+        rows, chunks = [], []
+        for request in waiting:
+            take = min(len(request.prompt) - request.prefilled, budget)
+            width = max([len(c) for c in chunks] + [take])
+            if rows and width * (len(rows) + 1) > budget:
+                break
+            rows.append(request)
+            chunks.append(request.prompt[request.prefilled : request.prefilled + take])
+        chunk = prefill_chunk(chunks, [r.prefilled for r in rows], [r.slot for r in rows], self.pad_id, self.cache.scratch, self.device)
+        self._set_adapters([r.adapter_slot for r in rows], chunk.token_mask)
+        if any(r.wants_routing for r in rows):
+            self.context.routing = {}
+        keep_all = any(r.params.decoder_input_details for r in rows)
+        self.cache.bind_prefill(chunk.slots, chunk.write_positions, chunk.width)
+        logits = self._forward(
+            input_ids=chunk.ids, attention_mask=additive_mask(chunk.attention, self.dtype), position_ids=chunk.position_ids,
+            logits_to_keep=0 if keep_all else 1,
+        )
         if keep_all:
-            width = mask.shape[1]
-            for i, request in enumerate(requests):
-                if request.params.decoder_input_details:
-                    request.record_prefill(logits[i, width - len(request.prompt) :], self._decode, self.special_ids)
-        chosen = choose_tokens([r.chooser for r in requests], logits[:, -1, :].float())
-        next_tokens = torch.tensor([token for token, _ in chosen], dtype=torch.long, device=self.device)
-        finished = self._accept(requests, chosen)
-        self._batch.merge(requests, cache, mask, mask.long().sum(1), next_tokens)
-        self._retire(finished)
+            self._record_prompt_logprobs(rows, chunks, logits)
+        self._flush_routing(rows)
+        for request, tokens in zip(rows, chunks):
+            request.prefilled += len(tokens)
+        done = [i for i, r in enumerate(rows) if r.decoding]
+        if not done:
+            return
+        index = torch.tensor(done, device=self.device)
+        slots = torch.tensor([rows[i].slot for i in done], device=self.device)
+        tokens, logprobs = self.sampler.choose(logits[:, -1, :].index_select(0, index).float(), slots)
+        finished = [rows[i] for i in done]
+        for request in finished:
+            request.length = len(request.prompt)
+            self._row_slots[request.slot] = max(request.adapter_slot, 0)
+            self._row_on[request.slot] = float(request.adapter_slot >= 0)
+            if request.params.decoder_input_details:
+                self._output.submit(lambda r=request: r.record_prefill(self._decode, self.special_ids))
+        self._positions.index_copy_(0, slots, torch.tensor([r.length for r in finished], device=self.device))
+        self._next_tokens.index_copy_(0, slots, tokens)
+        self._hand_over(finished, tokens, logprobs)
+
+    def _record_prompt_logprobs(self, rows: list[ActiveRequest], chunks: list[list[int]], logits: torch.Tensor) -> None:
+        """Each prompt token's log-probability given the tokens before it, from this chunk's logits."""
+        width = logits.shape[1]
+        for i, (request, tokens) in enumerate(zip(rows, chunks)):
+            if not request.params.decoder_input_details:
+                continue
+            start = request.prefilled
+            targets = request.prompt[start + 1 : start + len(tokens) + 1]  # the next token of each position
+            if not targets:
+                continue
+            rows_logits = logits[i, width - len(tokens) : width - len(tokens) + len(targets)].float()
+            ids = torch.tensor(targets, device=logits.device).unsqueeze(1)
+            request.prompt_logprobs += torch.log_softmax(rows_logits, -1).gather(1, ids).squeeze(1).tolist()
 
     def _decode_step(self) -> None:
-        batch = self._batch
-        self._plans.set(batch.rows)
-        ones = torch.ones(len(batch), 1, dtype=torch.bool, device=self.device)
-        mask = torch.cat([batch.mask, ones], dim=1)
-        self.context.token_mask = ones
-        self.context.record_routing = any(r.wants_routing for r in batch.rows)
-        logits = self._forward(batch.next.unsqueeze(1), mask[:, None, None, :], batch.positions.unsqueeze(1), batch.cache, False)
-        chosen = choose_tokens([r.chooser for r in batch.rows], logits[:, -1, :].float())
-        batch.advance(mask, torch.tensor([token for token, _ in chosen], dtype=torch.long, device=self.device))
-        self.steps += 1
-        self._retire(self._accept(batch.rows, chosen))
-
-    def _accept(self, requests: Sequence[ActiveRequest], chosen: Sequence[tuple[int, float]]) -> list[tuple[ActiveRequest, str]]:
-        finished = []
-        for request, (token, logprob) in zip(requests, chosen):
-            reason = request.accept(token, logprob, token in self.special_ids)
-            if reason is not None:
-                finished.append((request, reason))
-        return finished
-
-    def _drop_cancelled(self) -> None:
-        cancelled = [r for r in self._batch.rows if r.handle.cancelled]
-        for request in cancelled:
-            request.handle._close(error=RequestCancelled("request cancelled"))
-        if cancelled:
-            self._keep([r for r in self._batch.rows if not r.handle.cancelled])
-
-    def _retire(self, finished: list[tuple[ActiveRequest, str]]) -> None:
-        if not finished:
+        decoding = [r for r in self._rows if r is not None and r.decoding]
+        if not decoding:
             return
-        self._plans.flush_routing()
-        for request, reason in finished:
-            request.finish(reason)
-        done = {id(r) for r, _ in finished}
-        self._keep([r for r in self._batch.rows if id(r) not in done])
+        rows = bucket(max(r.slot for r in decoding) + 1, self.limits.max_batch_size)
+        width = bucket(max(r.length for r in decoding) + 1, self.cache.length, _MIN_WIDTH)
+        adapted = [r.adapter_slot for r in decoding if r.adapter_slot >= 0]
+        used = bucket(max(adapted) + 1, self.adapter_slots.capacity) if adapted else 0
+        context = self.context
+        context.row_slots, context.row_on, context.slots_used = self._row_slots[:rows], self._row_on[:rows], used
+        context.token_mask = None
+        record = any(r.wants_routing for r in decoding)
+        context.routing = {} if record else None
+        positions = self._positions[:rows]
+        self.cache.bind_decode(rows, width, positions)
 
-    def _keep(self, rows: list[ActiveRequest]) -> None:
-        self._batch.keep(rows)
-        if not rows:
-            self._plans.set([])
+        def step() -> torch.Tensor:
+            logits = self._forward(
+                input_ids=self._next_tokens[:rows].unsqueeze(1), attention_mask=decode_mask(positions, width, self.dtype),
+                position_ids=positions.unsqueeze(1), logits_to_keep=1,
+            )
+            return logits[:, -1, :].float()
+
+        # Recording routing adds work to the step: such steps run as they are, not captured.
+        logits = step() if record else self.graphs.run((rows, width, used), step)
+        if record:
+            self._flush_routing([r if r is not None and r.decoding else None for r in self._rows[:rows]])
+        slots = torch.tensor([r.slot for r in decoding], device=self.device)
+        tokens, logprobs = self.sampler.choose(logits.index_select(0, slots), slots)
+        self._next_tokens.index_copy_(0, slots, tokens)
+        self._positions.index_add_(0, slots, torch.ones_like(slots))
+        for request in decoding:
+            request.length += 1
+        self.steps += 1
+        self.max_rows = max(self.max_rows, len(decoding))
+        self._hand_over(decoding, tokens, logprobs)
+
+    def _hand_over(self, requests: list[ActiveRequest], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+        """The chosen tokens to the output thread (one device-to-host copy); rows that reached
+        their length or eos are freed now."""
+        chosen = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        items = []
+        for request, token, logprob in zip(requests, chosen[0], chosen[1]):
+            token = int(token)
+            reason = request.count(token)
+            if reason is not None:
+                self._free(request)
+            items.append((request, token, logprob, reason))
+        self._output.submit(lambda: self._deliver(items))
+
+    def _deliver(self, items: list[tuple[ActiveRequest, int, float, str | None]]) -> None:
+        for request, token, logprob, reason in items:
+            try:
+                request.accept(token, logprob, token in self.special_ids, reason)
+            except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+                request.handle._close(error=err)
+
+    def _flush_routing(self, rows: Sequence[ActiveRequest | None]) -> None:
+        """Move the routing sums the last forward recorded into rows (row i of the forward is
+        ``rows[i]``; None: not a request's row)."""
+        recorded = self.context.routing
+        self.context.routing = None
+        if not recorded:
+            return
+        for path, (sums, entropy, counts) in recorded.items():
+            sums, entropy, counts = sums.cpu(), entropy.cpu(), counts.cpu()
+            for i, request in enumerate(rows):
+                if request is None or not request.wants_routing:
+                    continue
+                packed = request.adapter.layers.get(path)
+                if packed is None or not packed.has_router or counts[i] == 0:
+                    continue
+                totals = request.routing.setdefault(path, [torch.zeros(packed.heads), 0.0, 0])
+                totals[0] += sums[i, : packed.heads]
+                totals[1] += float(entropy[i])
+                totals[2] += int(counts[i])

@@ -1,0 +1,89 @@
+"""The serving path on CUDA (run where a GPU is lent; skipped without one, see conftest.py):
+decode steps captured as CUDA graphs give the tokens the uncaptured steps give, another mix of
+adapters replays the same graphs, and bfloat16 serving agrees with training-time eval."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import rlora
+from rlora import AdapterConfig
+from rlora.serve import InferenceEngine
+from rlora.tiny import TINY_CONFIG
+
+pytestmark = pytest.mark.gpu
+
+ADAPTERS = {
+    "a": AdapterConfig(method="rlora", heads=3, rank=4, target_modules=["gate_proj", "up_proj", "down_proj"], seed=1),
+    "b": AdapterConfig(method="hydralora", heads=2, rank=4, target_modules=["gate_proj", "up_proj", "down_proj"], seed=2),
+    "c": AdapterConfig(method="rlora", heads=3, rank=4, target_modules=["gate_proj", "up_proj", "down_proj"], seed=3),
+    "d": AdapterConfig(method="lora", rank=4, target_modules=["gate_proj", "up_proj", "down_proj"], seed=4),
+}
+GREEDY = {"max_new_tokens": 24, "ignore_eos_token": True}
+TEXTS = ["graphs", "a longer prompt than the first", "x", "the fourth row"]
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(tmp_path_factory, tiny_model_path):
+    root = tmp_path_factory.mktemp("gpu-adapters")
+    paths = {}
+    for adapter_id, config in ADAPTERS.items():
+        model = rlora.attach(AutoModelForCausalLM.from_pretrained(tiny_model_path), config)
+        generator = torch.Generator().manual_seed(config.seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
+        paths[adapter_id] = rlora.save(model, root / adapter_id, base_model_name="tiny")
+    return paths
+
+
+def run_batch(engine, adapters):
+    handles = [engine.submit(text, GREEDY, adapter_id=a) for a, text in zip(adapters, TEXTS)]
+    return [[t.id for t in h.result(timeout=120).tokens] for h in handles]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_decode_steps_equal_uncaptured_ones(tiny_model_path, adapter_paths, dtype):
+    outputs = {}
+    for graphs in (True, False):
+        with InferenceEngine(cache_dir=tiny_model_path.parent, device="cuda", dtype=dtype, cuda_graphs=graphs) as engine:
+            for adapter_id, path in adapter_paths.items():
+                engine.adapter(adapter_id, path)
+            runner = engine.base_model("tiny")
+            first = run_batch(engine, ["a", "b", "a", "b"])
+            captured = len(runner.graphs)
+            # Other adapters in the same slots and rows: the same shapes, so no new capture.
+            second = run_batch(engine, ["c", "d", "c", "d"])
+            if graphs:
+                assert captured > 0 and len(runner.graphs) == captured
+            outputs[graphs] = (first, second)
+    assert outputs[True] == outputs[False]
+
+
+def test_float32_tokens_equal_transformers_generate(tiny_model_path, adapter_paths):
+    with InferenceEngine(cache_dir=tiny_model_path.parent, device="cuda", dtype=torch.float32) as engine:
+        for adapter_id, path in adapter_paths.items():
+            engine.adapter(adapter_id, path)
+        got = run_batch(engine, ["a", "b", "c", "d"])
+    for adapter_id, text, tokens in zip("abcd", TEXTS, got):
+        model = rlora.load(AutoModelForCausalLM.from_pretrained(tiny_model_path), adapter_paths[adapter_id]).cuda().eval()
+        prompt = torch.tensor([[TINY_CONFIG["bos_token_id"]] + list(text.encode())], device="cuda")
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=GREEDY["max_new_tokens"],
+                                 do_sample=False, eos_token_id=None, pad_token_id=TINY_CONFIG["pad_token_id"])
+        assert tokens == out[0, prompt.shape[1]:].tolist()
+
+
+def test_bfloat16_logits_agree_with_training_time_eval(tiny_model_path, adapter_paths):
+    seqs = [[TINY_CONFIG["bos_token_id"]] + list(t.encode()) for t in TEXTS[:2]]
+    with InferenceEngine(cache_dir=tiny_model_path.parent, device="cuda", dtype=torch.bfloat16) as engine:
+        for adapter_id in "ab":
+            engine.adapter(adapter_id, adapter_paths[adapter_id])
+        got = engine.logits(seqs, ["a", "b"], base_model="tiny")
+    for seq, adapter_id, logits in zip(seqs, "ab", got):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.bfloat16).cuda()
+        model = rlora.load(base, adapter_paths[adapter_id]).eval()
+        with torch.no_grad():
+            expected = model(torch.tensor([seq], device="cuda")).logits[0]
+        torch.testing.assert_close(logits.float(), expected.float().cpu(), rtol=0, atol=4e-3)
