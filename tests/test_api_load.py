@@ -33,6 +33,7 @@ from conftest_service import (
     submit_job,
     upload,
     wait_for,
+    wait_until_answering,
 )
 from fastapi.testclient import TestClient
 
@@ -54,16 +55,8 @@ def served(tmp_path, url: str, *arguments: str, **settings):
             env=service_env(home=home, database_url=url, **settings), stdout=log, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        assert process.poll() is None, log_path.read_text()[-3000:]
-        try:
-            return httpx.get(f"{base}/ready", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_for(ready, 120, 0.3, "rlora serve to answer /ready")
+        wait_until_answering(f"{base}/ready", process, log_path)
         yield base, process, home, log_path
     finally:
         stop_process(process)

@@ -3,7 +3,9 @@
 (an engine in the API process) on the same database and adapters.
 
 Engine A holds ``tiny``; engine B holds ``other`` and ``tiny`` (``other`` is a second copy of
-the tiny model under RLORA_MODELS_DIR), for routing. Both need the token.
+the tiny model under RLORA_MODELS_DIR), for routing. Both need the token. The tests of
+test_service_generate that do not look inside the in-process engine run here too, against the
+API forwarding to engine A.
 """
 
 from __future__ import annotations
@@ -12,14 +14,39 @@ import asyncio
 import json
 import shutil
 import subprocess
-import threading
 import time
 
 import httpx
 import pytest
-from conftest_service import REPO, database_url, free_port, make_settings, rlora_command, service_env, stop_process, wait_for
+from conftest_service import (
+    REPO, database_url, free_port, make_settings, rlora_command, served_in_thread, service_env, stop_process, wait_for,
+    wait_until_answering,
+)
 from fastapi.testclient import TestClient
-from test_service_generate import body, error_of, make_adapter, new_tenant, sse_events
+from test_service_generate import (  # noqa: F401 - fixtures, and tests run here against the forwarding API
+    MAX_NEW_TOKENS,
+    app,
+    body,
+    client,
+    error_of,
+    make_adapter,
+    new_tenant,
+    owner,
+    sse_events,
+    test_another_tenants_adapter_is_404,
+    test_bad_inputs_are_422,
+    test_bad_parameters_are_422_naming_the_field,
+    test_compat_route_both_modes,
+    test_full_tgi_and_lorax_client_bodies_with_defaults_are_accepted,
+    test_generate_details,
+    test_generate_routes_need_a_key,
+    test_missing_adapter_files_are_410,
+    test_null_parameters_and_stream_mean_defaults,
+    test_return_full_text,
+    test_seed_reproducibility,
+    test_stop_sequence,
+    test_stream_tokens_add_up_to_the_final_text,
+)
 
 from rlora.adapter.folder import AdapterMismatchError
 from rlora.basemodels import UnknownBaseModel
@@ -33,12 +60,12 @@ from rlora.serve import (
 )
 from service.api.app import create_app
 from service.api.inference import current_engine
-from service.engine.client import RemoteEngine
+from service.engine.client import EngineUnavailable, RemoteEngine
+from service.engine.local import make_engine
 from service.engine.protocol import TOKEN_HEADER, RemoteEngineError, error_from_json, error_json
-from service.models import Adapter
+from service.engine.server import create_engine_app
 
 TOKEN = "engine-secret"
-MAX_NEW_TOKENS = 1000  # a request this long runs for seconds: still running when its client leaves
 GREEDY = {"max_new_tokens": 12, "ignore_eos_token": True}
 LONG = {"max_new_tokens": MAX_NEW_TOKENS, "ignore_eos_token": True}
 
@@ -58,17 +85,6 @@ def engine_process(home, models_dir, log_path, *base_models: str):
             rlora_command("engine", "--port", str(port), *arguments), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     return f"http://127.0.0.1:{port}", process
-
-
-def wait_until_serving(url, process, log_path) -> None:
-    def serving():
-        assert process.poll() is None, log_path.read_text()[-3000:]
-        try:
-            return httpx.get(f"{url}/health", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(serving, 90, 0.2, f"rlora engine at {url}")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +108,7 @@ def engines(home, models_dir):
     ]
     try:
         for url, process, log_path in started:
-            wait_until_serving(url, process, log_path)
+            wait_until_answering(f"{url}/health", process, log_path, timeout=90)
         yield [url for url, _, _ in started]
     finally:
         for _, process, _ in started:
@@ -101,7 +117,7 @@ def engines(home, models_dir):
 
 @pytest.fixture(scope="module")
 def settings(home, models_dir, engines):
-    """The API's settings, forwarding to engine A."""
+    """The API's settings, forwarding to engine A (the fixtures app and client use them)."""
     with database_url("sqlite", home) as url:
         yield make_settings(
             home, url, max_new_tokens=MAX_NEW_TOKENS, inference_device="cpu", models_dir=models_dir,
@@ -114,28 +130,11 @@ def forwarding_to(settings, urls: str, **changes):
 
 
 @pytest.fixture(scope="module")
-def app(settings):
-    return create_app(settings)
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as test_client:
-        yield test_client
-
-
-@pytest.fixture(scope="module")
 def embedded(settings):
     """The same API with its engine in-process (the embedded default): the reference."""
     app = create_app(forwarding_to(settings, None))
     with TestClient(app) as test_client:
         yield test_client
-
-
-@pytest.fixture(scope="module")
-def owner(app, client, tiny_model_path):
-    tenant_id, headers = new_tenant(app, "owner")
-    return headers, make_adapter(app, tiny_model_path, tenant_id)
 
 
 def engine_info(url: str) -> dict:
@@ -219,14 +218,6 @@ def test_an_unknown_base_model_is_404(settings, engines, owner):
     assert errors[0] == errors[1] and errors[0]["message"].startswith("unknown base model 'nope'; available: ")
 
 
-def test_missing_adapter_files_are_410(client, app, tiny_model_path):
-    tenant_id, headers = new_tenant(app, "gone")
-    adapter_id = make_adapter(app, tiny_model_path, tenant_id, seed=6)
-    with app.state.db.session() as session:
-        shutil.rmtree(session.get(Adapter, adapter_id).path)
-    assert error_of(client.post("/generate", headers=headers, json=body(adapter_id, **GREEDY)), 410)["code"] == "adapter_files_missing"
-
-
 @pytest.mark.parametrize("error", [
     GenerationValidationError("top_k", "`top_k` must be strictly positive"),
     AdapterMismatchError("adapter 'ad-1' is for base model 'a', not 'b'"),
@@ -267,17 +258,8 @@ def test_a_deleted_adapter_is_evicted_from_the_engine(client, app, engines, tiny
 @pytest.fixture(scope="module")
 def live(settings):
     """The forwarding API in a uvicorn server in a thread: its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30, message="uvicorn to start")
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with served_in_thread(create_app(settings)) as url:
+        yield url
 
 
 def test_a_stream_its_client_closes_is_cancelled_on_the_engine(live, engines, owner):
@@ -378,3 +360,29 @@ def test_requests_go_to_the_engines_that_hold_their_base_model(engines):
 
     asyncio.run(run())
     wait_for(lambda: idle(a), timeout=5, message="the long request to be cancelled")
+
+
+# --- an engine shutting down under a request ---------------------------------------------------
+
+
+def test_an_error_after_the_stream_began_is_raised_from_the_stream(settings):
+    """An engine server in a thread of this process, its engine closed while a request streams."""
+    engine = make_engine(settings)
+
+    async def run(url: str) -> None:
+        remote = RemoteEngine([url], default_base_model="tiny")
+        try:
+            handle = await remote.asubmit("hi", GenerationParams(**LONG))
+            events = handle.stream()
+            assert [(await anext(events)).index for _ in range(2)] == [1, 2]
+            await asyncio.to_thread(engine.close)
+            with pytest.raises(EngineClosed, match="shut down"):
+                async for _ in events:
+                    pass
+            with pytest.raises(EngineUnavailable, match="shut down"):  # and it takes no more
+                await remote.asubmit("hi", GenerationParams(**GREEDY))
+        finally:
+            await remote.aclose()
+
+    with served_in_thread(create_engine_app(engine)) as url:
+        asyncio.run(run(url))

@@ -5,5 +5,6 @@ and API processes forwarding /generate to it.
                holds, and what an API process holds in the embedded default)
     protocol   the wire format between them: stream events and typed errors as JSON lines
     server     `rlora engine`: the engine behind a small internal HTTP app
+    streaming  the streamed answer of one request, cancelled however it ends (engine and API)
     client     RemoteEngine: the API's side, routing each request by base model
 """

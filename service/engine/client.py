@@ -104,13 +104,14 @@ class RemoteRequest:
                 yield event
                 if event.final:
                     return
-            raise EngineUnavailable(f"the engine at {self._engine.url} ended the stream before the request finished")
+            lost = "the stream ended before the request finished"
         except (httpx.HTTPError, httpx.StreamError) as err:
-            if self._cancelled:
-                raise RequestCancelled("the request was cancelled") from None
-            raise EngineUnavailable(f"lost the engine at {self._engine.url} during the request: {_reason(err)}") from None
+            lost = _reason(err)
         finally:
             await self._close()
+        if self._cancelled:  # cancel() closed the stream under the reader
+            raise RequestCancelled("the request was cancelled")
+        raise EngineUnavailable(f"lost the engine at {self._engine.url} during the request: {lost}")
 
     async def aresult(self) -> GenerationResult:
         """The result; the awaiting task being cancelled cancels the request."""

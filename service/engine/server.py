@@ -23,38 +23,24 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from rlora.basemodels import UnknownBaseModel
 from rlora.serve import InferenceEngine, RequestCancelled, RequestHandle
 
 from service.engine.local import make_engine
 from service.engine.protocol import MEDIA_TYPE, REFUSAL_STATUS, TOKEN_HEADER, error_json, error_line, event_line, refusal_status
+from service.engine.streaming import RequestStreamResponse
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# On SIGTERM, the requests running get this long to finish; then their streams are cut (the API
+# sends their clients an error event) and the engine closes, within systemd's stop timeout.
+DRAIN_SECONDS = 20
+
 _REFUSALS = tuple(REFUSAL_STATUS)
-
-
-class EventLinesResponse(StreamingResponse):
-    """One request's events as JSON lines. However the response ends (finished, client gone,
-    error), the request is cancelled (a no-op once it finished) and the generator closed."""
-
-    media_type = MEDIA_TYPE
-
-    def __init__(self, handle: RequestHandle):
-        super().__init__(_event_lines(handle))
-        self.handle = handle
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.handle.cancel()
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def _event_lines(handle: RequestHandle) -> AsyncIterator[bytes]:
@@ -100,7 +86,7 @@ def create_engine_app(engine: InferenceEngine, token: str | None = None) -> Star
             )
         except _REFUSALS as err:
             return JSONResponse({"error": error_json(err)}, status_code=refusal_status(err))
-        return EventLinesResponse(handle)
+        return RequestStreamResponse(handle, _event_lines(handle), media_type=MEDIA_TYPE)
 
     async def evict(request: Request) -> Response:
         if not authorized(request):
@@ -139,5 +125,8 @@ def serve_engine(settings: Settings, *, host: str, port: int, device: str | None
     if settings.engine_token is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the engine listens on %s without RLORA_ENGINE_TOKEN: anyone who reaches it can generate", host)
     log.info("engine on %s, base models loaded: %s", engine.device, json.dumps(engine.loaded_base_models()))
-    uvicorn.run(create_engine_app(engine, settings.engine_token), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_engine_app(engine, settings.engine_token), host=host, port=port, log_level="info",
+        timeout_graceful_shutdown=DRAIN_SECONDS,
+    )
     return 0

@@ -35,7 +35,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
-from starlette.types import Receive, Scope, Send
 
 from rlora.serve import (
     AdapterTooLarge,
@@ -54,6 +53,7 @@ from service.api.errors import APIError, invalid, not_found, reject_lone_surroga
 from service.ids import could_exist
 from service.api.inference import Engine, Handle, get_engine
 from service.engine.client import EngineUnavailable
+from service.engine.streaming import RequestStreamResponse
 from service.models import Adapter
 from service.api.tgi import (
     CompatGenerateRequest,
@@ -227,22 +227,13 @@ async def _generate(request: Request, body: GenerateRequest, tenant_id: str, ses
 # --- /generate_stream ------------------------------------------------------------------------
 
 
-class EventStreamResponse(StreamingResponse):
-    """Server-sent events of one engine request. However the response ends (finished, client
-    gone, error), the request is cancelled (a no-op once it finished) and the generator closed."""
+class EventStreamResponse(RequestStreamResponse):
+    """Server-sent events of one engine request (cancelled however the response ends)."""
 
     media_type = "text/event-stream"
 
     def __init__(self, handle: Handle, details: bool):
-        super().__init__(_events(handle, details), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.handle = handle
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.handle.cancel()
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+        super().__init__(handle, _events(handle, details), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _events(handle: Handle, details: bool) -> AsyncIterator[bytes]:
