@@ -1,4 +1,4 @@
-"""The ``rlora`` command: serve, worker, tenant create, migrate, train."""
+"""The ``rlora`` command: serve, engine, worker, tenant create, migrate, train."""
 
 from __future__ import annotations
 
@@ -32,7 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--no-worker", action="store_true", help="API only; workers run elsewhere (rlora worker)")
     serve.add_argument(
         "--workers", type=int, default=1, metavar="N",
-        help="API processes sharing the port (default 1); above 1 needs RLORA_INFERENCE_IN_API=false",
+        help="API processes sharing the port (default 1); above 1 needs RLORA_ENGINE_URLS or RLORA_INFERENCE_IN_API=false",
+    )
+
+    engine = commands.add_parser(
+        "engine", help="an inference engine for one device; API processes forward generation to it (RLORA_ENGINE_URLS)",
+    )
+    engine.add_argument("--host", help="default RLORA_ENGINE_HOST (127.0.0.1)")
+    engine.add_argument("--port", type=int, help="default RLORA_ENGINE_PORT (8200)")
+    engine.add_argument("--device", help="e.g. cuda, cuda:1, cpu; default RLORA_INFERENCE_DEVICE (cuda when available)")
+    engine.add_argument(
+        "--base-model", action="append", default=[], dest="base_models", metavar="NAME",
+        help="load this base model before serving (repeatable); others load on first use",
     )
 
     worker = commands.add_parser("worker", help="a Celery worker for the configured broker")
@@ -59,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         return _train(settings, args.config)
     if args.command == "serve":
         return _serve(settings, args.host, args.port, processes=args.workers, with_worker=not args.no_worker)
+    if args.command == "engine":
+        from service.engine.server import serve_engine
+
+        return serve_engine(
+            settings, host=args.host or settings.engine_host, port=args.port or settings.engine_port,
+            device=args.device, base_models=args.base_models,
+        )
     if args.command == "worker":
         return _worker(settings, args.queues)
     if args.command == "migrate":
@@ -223,20 +241,26 @@ class _WorkerProcess:
             process.wait()
 
 
+def serve_refusal(settings: Settings, processes: int) -> str | None:
+    """Why ``rlora serve --workers PROCESSES`` will not start with these settings (None: it will)."""
+    if processes < 1:
+        return "--workers must be at least 1"
+    if processes > 1 and settings.inference_in_api and not settings.engine_urls:
+        # Each process would load its own copy of every base model it serves (on the GPU too).
+        return (
+            f"--workers {processes} would load the base models once per process; run `rlora engine` "
+            "per device and set RLORA_ENGINE_URLS to forward generation to it, or set "
+            "RLORA_INFERENCE_IN_API=false for an API tier that serves no generation (README: the API tier)"
+        )
+    return None
+
+
 def _serve(settings: Settings, host: str, port: int, *, processes: int, with_worker: bool) -> int:
     import uvicorn
 
-    if processes < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
-        return 2
-    if processes > 1 and settings.inference_in_api:
-        # Each process would load its own copy of every base model it serves (on the GPU too).
-        print(
-            f"error: --workers {processes} would load the base models once per process; set "
-            "RLORA_INFERENCE_IN_API=false for this API tier and serve /generate from one "
-            "`rlora serve --workers 1` process (README: the API tier)",
-            file=sys.stderr,
-        )
+    refusal = serve_refusal(settings, processes)
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     _migrate(settings)  # once, before any process starts; the processes do not migrate
     worker = _WorkerProcess() if with_worker else None

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(120.0, gt=0, description="a running job silent this long is presumed lost")
     reconcile_interval: float = Field(30.0, gt=0)
 
-    # Inference (/generate): one engine per API process, base models loaded on first use.
+    # Inference (/generate): one engine per API process, or per accelerator in `rlora engine`
+    # processes (engine_* below); base models loaded on first use.
     default_base_model: str = Field("tiny", description="the base model of requests that name no adapter")
     inference_device: str | None = Field(None, description="e.g. cpu, cuda, cuda:1; default cuda when available")
     adapter_cache_bytes: int = Field(1 << 30, ge=1, description="adapters kept loaded (LRU), in bytes")
@@ -58,11 +59,34 @@ class Settings(BaseSettings):
     staging_max_age: float = Field(3600.0, gt=0, description="staged uploads and downloads older than this are swept at start")
     inference_in_api: bool = Field(True, description="serve /generate from API processes (false: 503 there)")
 
+    # Engine processes (`rlora engine`): one per accelerator, holding the base models; API
+    # processes given their URLs forward generation to them instead of holding an engine.
+    engine_urls: str | None = Field(None, description="comma-separated base URLs of `rlora engine` processes")
+    engine_host: str = Field("127.0.0.1", description="address `rlora engine` listens on")
+    engine_port: int = Field(8200, ge=1, le=65535, description="port `rlora engine` listens on")
+    engine_token: str | None = Field(None, repr=False, description="shared secret between the API and its engines")
+    engine_connect_timeout: float = Field(2.0, gt=0, description="longest wait to connect to an engine (then the next one)")
+    engine_refresh_interval: float = Field(5.0, gt=0, description="seconds between asking engines which base models they hold")
+
     @model_validator(mode="after")
     def _heartbeat_fits(self) -> "Settings":
         if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
             raise ValueError("heartbeat_timeout must exceed twice heartbeat_interval, or live jobs look lost")
         return self
+
+    @field_validator("engine_urls")
+    @classmethod
+    def _engine_urls(cls, value: str | None) -> str | None:
+        urls = [url.strip().rstrip("/") for url in (value or "").split(",") if url.strip()]
+        bad = [url for url in urls if not url.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"engine URLs start with http:// or https://, got {', '.join(bad)}")
+        return ",".join(urls) or None  # empty: unset
+
+    @field_validator("engine_token")
+    @classmethod
+    def _empty_token_is_none(cls, value: str | None) -> str | None:
+        return value or None
 
     @field_validator("home", "models_dir")
     @classmethod
@@ -76,6 +100,10 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url is None
+
+    @property
+    def engine_url_list(self) -> list[str]:
+        return self.engine_urls.split(",") if self.engine_urls else []
 
     @property
     def files_dir(self) -> Path:

@@ -14,10 +14,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 POSTGRES_ADMIN_URL = os.environ.get("RLORA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -156,6 +158,35 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+@contextmanager
+def served_in_thread(app):
+    """``app`` served by uvicorn in a thread of this process on a free port: its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=30, message="uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_until_answering(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers 200; fail with the end of the log if ``process`` exits first."""
+
+    def answering():
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        try:
+            return httpx.get(url, timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(answering, timeout, 0.2, f"{url} to answer")
 
 
 def rlora_command(*args: str) -> list[str]:

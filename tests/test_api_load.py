@@ -33,6 +33,7 @@ from conftest_service import (
     submit_job,
     upload,
     wait_for,
+    wait_until_answering,
 )
 from fastapi.testclient import TestClient
 
@@ -54,16 +55,8 @@ def served(tmp_path, url: str, *arguments: str, **settings):
             env=service_env(home=home, database_url=url, **settings), stdout=log, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        assert process.poll() is None, log_path.read_text()[-3000:]
-        try:
-            return httpx.get(f"{base}/ready", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_for(ready, 120, 0.3, "rlora serve to answer /ready")
+        wait_until_answering(f"{base}/ready", process, log_path)
         yield base, process, home, log_path
     finally:
         stop_process(process)
@@ -317,13 +310,23 @@ def test_a_killed_upload_leaves_no_staging_file_after_the_next_start(tmp_path):
 # --- several API processes ---------------------------------------------------------------------
 
 
-def test_serve_runs_several_processes_only_without_inference(tmp_path):
+def test_serve_runs_several_processes_only_without_an_engine_in_them(tmp_path):
     with database_url("sqlite", tmp_path) as url:
         refused = subprocess.run(
             rlora_command("serve", "--no-worker", "--workers", "2", "--port", str(free_port())), cwd=REPO,
             env=service_env(home=tmp_path / "home", database_url=url), capture_output=True, text=True, timeout=120,
         )
-        assert refused.returncode == 2 and "RLORA_INFERENCE_IN_API=false" in refused.stderr
+        assert refused.returncode == 2
+        assert "RLORA_ENGINE_URLS" in refused.stderr and "RLORA_INFERENCE_IN_API=false" in refused.stderr
+
+        # Forwarding generation to engine processes: here none answers, and each process says so.
+        engine_url = f"http://127.0.0.1:{free_port()}"
+        with served(tmp_path, url, "--workers", "2", engine_urls=engine_url) as (base, _, _home, _log):
+            with httpx.Client(base_url=base, headers=bearer(new_key(url)), timeout=30) as client:
+                for _ in range(4):
+                    response = client.post("/generate", json={"inputs": "hi"})
+                    assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
+                    assert engine_url in response.json()["error"]["message"]
 
         with served(tmp_path, url, "--workers", "2", inference_in_api="false") as (base, _, _home, log_path):
             key = new_key(url)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
 
 import httpx
 import pytest
 import torch
-from conftest_service import database_url, fresh_postgres_database, free_port, make_settings, wait_for
+from conftest_service import database_url, fresh_postgres_database, make_settings, served_in_thread, wait_for
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
@@ -427,28 +426,19 @@ def test_postgresql_round_trip(tmp_path, tiny_model_path):
 def live(settings, tiny_model_path):
     """A uvicorn server in a thread, its decode loop slowed to 20 ms a step so a long request
     is still running when the client leaves: (base URL, app, runner, tenant headers, adapter)."""
-    import uvicorn
-
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30, message="uvicorn to start")
-    runner = get_engine(app).base_model("tiny")
-    step = runner._decode_step
+    with served_in_thread(app) as url:
+        runner = get_engine(app).base_model("tiny")
+        step = runner._decode_step
 
-    def slow_step():
-        time.sleep(0.02)
-        step()
+        def slow_step():
+            time.sleep(0.02)
+            step()
 
-    runner._decode_step = slow_step
-    tenant_id, headers = new_tenant(app, "live")
-    adapter_id = make_adapter(app, tiny_model_path, tenant_id)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}", app, runner, headers, adapter_id
-    finally:
-        server.should_exit = True
-        thread.join(30)
+        runner._decode_step = slow_step
+        tenant_id, headers = new_tenant(app, "live")
+        adapter_id = make_adapter(app, tiny_model_path, tenant_id)
+        yield url, app, runner, headers, adapter_id
 
 
 def idle(runner) -> bool:

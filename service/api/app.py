@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         gc.freeze()
         yield
         await asyncio.to_thread(reconciler.stop)
-        await asyncio.to_thread(close_engine, app)  # the inference engine, if a request made one
+        await close_engine(app)  # the inference engine, if a request made one
         app.state.db.dispose()
 
     app = FastAPI(title="rlora", summary="Multi-tenant R-LoRA fine-tuning", version="0.1.0", lifespan=lifespan)

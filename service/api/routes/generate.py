@@ -16,6 +16,10 @@ longer change the status, so it is sent as TGI does: an event ``{"error", "error
 
 A client that goes away cancels its request's work: the stream's generator is closed (which
 cancels the engine request), and /generate watches for the disconnect while it waits.
+
+The engine is this process's, or the `rlora engine` processes it forwards to
+(`service.api.inference`); when none of those can be reached, the answer is a 503
+``engine_unavailable`` saying why.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
-from starlette.types import Receive, Scope, Send
 
 from rlora.serve import (
     AdapterTooLarge,
@@ -40,8 +43,6 @@ from rlora.serve import (
     GenerationParams,
     GenerationResult,
     GenerationValidationError,
-    InferenceEngine,
-    RequestHandle,
 )
 from rlora.adapter.folder import AdapterMismatchError
 from rlora.basemodels import UnknownBaseModel
@@ -50,7 +51,9 @@ from service.api.auth import TenantDep
 from service.api.deps import SessionDep
 from service.api.errors import APIError, invalid, not_found, reject_lone_surrogates
 from service.ids import could_exist
-from service.api.inference import get_engine
+from service.api.inference import Engine, Handle, get_engine
+from service.engine.client import EngineUnavailable
+from service.engine.streaming import RequestStreamResponse
 from service.models import Adapter
 from service.api.tgi import (
     CompatGenerateRequest,
@@ -144,7 +147,7 @@ async def _prepare(body: GenerateRequest, tenant_id: str, session: Session) -> t
     return params, target
 
 
-async def _submit(engine: InferenceEngine, inputs: str, params: GenerationParams, target: Target | None) -> RequestHandle:
+async def _submit(engine: Engine, inputs: str, params: GenerationParams, target: Target | None) -> Handle:
     kwargs: dict[str, Any] = {}
     if target is not None:
         kwargs = dict(adapter_id=target.adapter_id, adapter_path=target.path, base_model=target.base_model)
@@ -165,8 +168,14 @@ async def _submit(engine: InferenceEngine, inputs: str, params: GenerationParams
         raise APIError(404, "not_found", str(err)) from None
     except EngineOverloaded:
         raise APIError(429, "too_many_requests", "Model is overloaded", headers={"Retry-After": "1"}) from None
-    except EngineClosed:
-        raise APIError(503, "unavailable", "the inference engine is shutting down") from None
+    except (EngineClosed, EngineUnavailable) as err:
+        raise _engine_gone(err) from None
+
+
+def _engine_gone(err: EngineClosed | EngineUnavailable) -> APIError:
+    if isinstance(err, EngineUnavailable):  # no engine process reachable, or it went away
+        return APIError(503, "engine_unavailable", str(err), headers={"Retry-After": "1"})
+    return APIError(503, "unavailable", "the inference engine is shutting down")
 
 
 # --- /generate -------------------------------------------------------------------------------
@@ -181,7 +190,7 @@ async def _client_gone(request: Request) -> None:
             return
 
 
-async def _result_unless_client_gone(request: Request, handle: RequestHandle) -> GenerationResult | None:
+async def _result_unless_client_gone(request: Request, handle: Handle) -> GenerationResult | None:
     """The request's result, or None when the client went away first (its work is cancelled)."""
     result = asyncio.ensure_future(handle.aresult())
     gone = asyncio.ensure_future(_client_gone(request))
@@ -205,7 +214,10 @@ async def _generate(request: Request, body: GenerateRequest, tenant_id: str, ses
     engine = get_engine(request.app)  # first: a process that serves no generation says so at once
     params, target = await _prepare(body, tenant_id, session)
     handle = await _submit(engine, body.inputs, params, target)
-    result = await _result_unless_client_gone(request, handle)
+    try:
+        result = await _result_unless_client_gone(request, handle)
+    except (EngineClosed, EngineUnavailable) as err:
+        raise _engine_gone(err) from None
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     content = generate_response(result, details=params.details)
@@ -215,32 +227,23 @@ async def _generate(request: Request, body: GenerateRequest, tenant_id: str, ses
 # --- /generate_stream ------------------------------------------------------------------------
 
 
-class EventStreamResponse(StreamingResponse):
-    """Server-sent events of one engine request. However the response ends (finished, client
-    gone, error), the request is cancelled (a no-op once it finished) and the generator closed."""
+class EventStreamResponse(RequestStreamResponse):
+    """Server-sent events of one engine request (cancelled however the response ends)."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, handle: RequestHandle, details: bool):
-        super().__init__(_events(handle, details), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.handle = handle
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.handle.cancel()
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+    def __init__(self, handle: Handle, details: bool):
+        super().__init__(handle, _events(handle, details), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _events(handle: RequestHandle, details: bool) -> AsyncIterator[bytes]:
+async def _events(handle: Handle, details: bool) -> AsyncIterator[bytes]:
     finished = False
     try:
         async with contextlib.aclosing(handle.stream()) as stream:
             async for event in stream:
                 yield sse(stream_event(event, details=details))
                 finished = event.final
-    except EngineClosed as err:
+    except (EngineClosed, EngineUnavailable) as err:
         yield sse_error(str(err), "generation")
         return
     except Exception:  # noqa: BLE001 - the status is sent already: report it in the stream

@@ -1,0 +1,29 @@
+"""The in-process `rlora.serve.InferenceEngine`, made from the settings: what `rlora engine`
+holds, and what an API process holds in the embedded default."""
+
+from __future__ import annotations
+
+from rlora.serve import InferenceEngine, Limits
+
+from service.settings import Settings
+
+
+def engine_limits(settings: Settings) -> Limits:
+    return Limits(
+        max_input_tokens=settings.max_input_tokens,
+        max_total_tokens=settings.max_total_tokens,
+        max_new_tokens=settings.max_new_tokens,
+        max_batch_size=settings.max_batch_size,
+    )
+
+
+def make_engine(settings: Settings, device: str | None = None) -> InferenceEngine:
+    """The engine on ``device``, by default the ``inference_device`` setting."""
+    return InferenceEngine(
+        models_dir=settings.models_dir,
+        cache_dir=settings.cache_dir,
+        adapter_cache_bytes=settings.adapter_cache_bytes,
+        device=device or settings.inference_device,
+        limits=engine_limits(settings),
+        default_base_model=settings.default_base_model,
+    )
