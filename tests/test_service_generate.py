@@ -187,7 +187,12 @@ def test_seed_reproducibility(client, owner):
     first = client.post("/generate", headers=headers, json=body(adapter_id, seed=42, **sampled)).json()
     again = client.post("/generate", headers=headers, json=body(adapter_id, seed=42, **sampled)).json()
     other = client.post("/generate", headers=headers, json=body(adapter_id, seed=7, **sampled)).json()
-    assert first == again and first["details"]["seed"] == 42
+    # The same tokens and text. Floats agree to rounding: a request still leaving the batch can
+    # make a step's matmuls another shape (continuous batching promises no bitwise equality).
+    assert first["generated_text"] == again["generated_text"] and first["details"]["seed"] == again["details"]["seed"] == 42
+    assert [t["id"] for t in first["details"]["tokens"]] == [t["id"] for t in again["details"]["tokens"]]
+    assert [t["logprob"] for t in first["details"]["tokens"]] == pytest.approx([t["logprob"] for t in again["details"]["tokens"]], abs=1e-5)
+    assert first["details"]["routing"]["mean_entropy"] == pytest.approx(again["details"]["routing"]["mean_entropy"], abs=1e-5)
     assert [t["id"] for t in other["details"]["tokens"]] != [t["id"] for t in first["details"]["tokens"]]
     drawn = client.post("/generate", headers=headers, json=body(adapter_id, **sampled)).json()
     assert isinstance(drawn["details"]["seed"], int)  # drawn by the server, reported

@@ -19,6 +19,10 @@ class SlotKVCache:
         shape = (slots, *_head_shape(config, length))
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        # The same storage indexed (slot, position): `index_put_` takes one index tensor per
+        # leading dimension, and is much cheaper to call than indexing with a slice between.
+        self._keys_by_position = [k.transpose(1, 2) for k in self.keys]
+        self._values_by_position = [v.transpose(1, 2) for v in self.values]
         self.slots, self.length, self.scratch = slots, length, length
         self._rows = torch.arange(slots, device=device)
         self._decode: tuple[int, int, torch.Tensor] | None = None
@@ -48,15 +52,15 @@ class SlotKVCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self._decode is not None:
             rows, width, positions = self._decode
-            index = (self._rows[:rows], slice(None), positions)
-            keys[index] = key[:, :, 0]
-            values[index] = value[:, :, 0]
+            index = (self._rows[:rows], positions)
+            self._keys_by_position[layer_idx].index_put_(index, key[:, :, 0])
+            self._values_by_position[layer_idx].index_put_(index, value[:, :, 0])
             return keys[:rows, :, :width], values[:rows, :, :width]
         slots, positions, width = self._prefill
-        index = (slots.unsqueeze(1), slice(None), positions)
-        keys[index] = key.transpose(1, 2)
-        values[index] = value.transpose(1, 2)
-        return keys.index_select(0, slots)[:, :, :width], values.index_select(0, slots)[:, :, :width]
+        index = (slots.unsqueeze(1), positions)
+        self._keys_by_position[layer_idx].index_put_(index, key.transpose(1, 2))
+        self._values_by_position[layer_idx].index_put_(index, value.transpose(1, 2))
+        return keys[:, :, :width].index_select(0, slots), values[:, :, :width].index_select(0, slots)
 
 
 def _head_shape(config, length: int) -> tuple[int, int, int]:

@@ -31,7 +31,7 @@ class ForwardContext:
 
     def __init__(self) -> None:
         self.row_slots: torch.Tensor | None = None  # (B,) long: each row's adapter slot
-        self.row_on: torch.Tensor | None = None  # (B,) float: 1 where the row has an adapter
+        self.row_on: torch.Tensor | None = None  # (B,) float: 1 where the row has an adapter; None: every row has one
         self.slots_used = 0  # S': the forward reads slots [0, S'); 0: no adapter in the batch
         self.token_mask: torch.Tensor | None = None  # (B, T) bool: real tokens (routing records)
         self.routing: dict[str, list[torch.Tensor]] | None = None  # path -> [weight sums (B, NH), entropy sums (B,), tokens (B,)]
@@ -48,6 +48,8 @@ class LayerTable:
         self.writes = torch.zeros(slots, w, d_out, dtype=writes_dtype, device=device)
         self.bias = torch.full((slots, heads), float("-inf"), device=device)
         self.bias[:, 0] = 0.0  # an empty slot: one head of weight 1 reading zeros
+        # Slot 0 alone (every adapted row on it), as views made once: a forward reads them as they are.
+        self.first_reads, self.first_writes, self.first_bias = self.reads[0], self.writes[0], self.bias[0]
 
     @property
     def nbytes(self) -> int:
@@ -88,8 +90,8 @@ class MultiAdapterLinear(nn.Module):
         r, nh = table.rank, table.heads
         k = table.reads.shape[1]
         if used == 1:  # every adapted row on slot 0: plain matmuls
-            z = torch.nn.functional.linear(x3, table.reads[0])  # (B, T, K)
-            bias = table.bias[0]
+            z = torch.nn.functional.linear(x3, table.first_reads)  # (B, T, K)
+            bias = table.first_bias
         else:
             z_all = torch.nn.functional.linear(x3, table.reads[:used].reshape(used * k, -1))  # (B, T, S'*K)
             index = context.row_slots.view(batch, 1, 1, 1).expand(batch, z_all.shape[1], 1, k)
@@ -103,10 +105,12 @@ class MultiAdapterLinear(nn.Module):
         stacked = torch.cat([heads.flatten(-2), z[..., r + nh :]], dim=-1)
         # Rows without an adapter add exactly zero; then the sum is added inside the matmul
         # (addmm), as RLoRALinear does: one rounding in bfloat16, so serving reproduces eval.
-        stacked = (stacked * context.row_on.view(batch, 1, 1).to(stacked.dtype)).to(out.dtype)
+        if context.row_on is not None:
+            stacked = stacked * context.row_on.view(batch, 1, 1).to(stacked.dtype)
+        stacked = stacked.to(out.dtype)
         w = stacked.shape[-1]
         if used == 1:
-            writes = table.writes[0]
+            writes = table.first_writes
         else:
             spread = stacked.new_zeros(batch, stacked.shape[1], used, w)
             spread.scatter_(2, context.row_slots.view(batch, 1, 1, 1).expand(batch, stacked.shape[1], 1, w), stacked.unsqueeze(2))

@@ -99,6 +99,7 @@ class BaseModelRunner:
         self._row_on = torch.zeros(rows, dtype=torch.float32, device=self.device)
         self._rows: list[ActiveRequest | None] = [None] * rows  # by slot; touched by the loop thread only
         self._graphs_version = self.adapter_slots.version
+        self._decoding: tuple[list[ActiveRequest], torch.Tensor] | None = None  # rows decoding and their slots, until one joins or leaves
         self._output = OutputThread(name)
         # Queue shared with submitters.
         self._cv = threading.Condition()
@@ -310,6 +311,7 @@ class BaseModelRunner:
         if self.adapter_slots.version != self._graphs_version:  # tables reallocated: graphs read old ones
             self.graphs.clear()
             self._graphs_version = self.adapter_slots.version
+        self._decoding: tuple[list[ActiveRequest], torch.Tensor] | None = None  # rows decoding and their slots, until one joins or leaves
 
     def _drop_ended(self) -> None:
         """Free the rows of requests cancelled or ended by a stop sequence (output thread)."""
@@ -323,6 +325,7 @@ class BaseModelRunner:
     def _free(self, request: ActiveRequest) -> None:
         slot = request.slot
         self._rows[slot] = None
+        self._decoding = None
         self._positions[slot] = self.cache.scratch
         self._row_on[slot] = 0.0
         self.sampler.free_row(slot)
@@ -334,7 +337,7 @@ class BaseModelRunner:
         """The forward context of an eager pass over rows with these adapter slots (-1: none)."""
         used = [s for s in adapter_slots if s >= 0]
         self.context.row_slots = torch.tensor([max(s, 0) for s in adapter_slots], dtype=torch.long, device=self.device)
-        self.context.row_on = torch.tensor([float(s >= 0) for s in adapter_slots], device=self.device)
+        self.context.row_on = None if all(s >= 0 for s in adapter_slots) else torch.tensor([float(s >= 0) for s in adapter_slots], device=self.device)
         self.context.slots_used = max(used) + 1 if used else 0
         self.context.token_mask = token_mask
         self.context.routing = None
@@ -387,6 +390,7 @@ class BaseModelRunner:
         slots = torch.tensor([rows[i].slot for i in done], device=self.device)
         tokens, logprobs = self.sampler.choose(logits[:, -1, :].index_select(0, index).float(), slots)
         finished = [rows[i] for i in done]
+        self._decoding = None
         for request in finished:
             request.length = len(request.prompt)
             self._row_slots[request.slot] = max(request.adapter_slot, 0)
@@ -412,15 +416,22 @@ class BaseModelRunner:
             request.prompt_logprobs += torch.log_softmax(rows_logits, -1).gather(1, ids).squeeze(1).tolist()
 
     def _decode_step(self) -> None:
-        decoding = [r for r in self._rows if r is not None and r.decoding]
+        if self._decoding is None:
+            requests = [r for r in self._rows if r is not None and r.decoding]
+            self._decoding = (requests, torch.tensor([r.slot for r in requests], dtype=torch.long, device=self.device))
+        decoding, slots = self._decoding
         if not decoding:
             return
         rows = bucket(max(r.slot for r in decoding) + 1, self.limits.max_batch_size)
         width = bucket(max(r.length for r in decoding) + 1, self.cache.length, _MIN_WIDTH)
         adapted = [r.adapter_slot for r in decoding if r.adapter_slot >= 0]
         used = bucket(max(adapted) + 1, self.adapter_slots.capacity) if adapted else 0
+        # Rows past the decoding ones (and those not decoding) give outputs nobody reads: with an
+        # adapter on every decoding row, no row needs switching off.
+        base_rows = len(adapted) < len(decoding)
         context = self.context
-        context.row_slots, context.row_on, context.slots_used = self._row_slots[:rows], self._row_on[:rows], used
+        context.row_slots, context.slots_used = self._row_slots[:rows], used
+        context.row_on = self._row_on[:rows] if base_rows else None
         context.token_mask = None
         record = any(r.wants_routing for r in decoding)
         context.routing = {} if record else None
@@ -435,10 +446,9 @@ class BaseModelRunner:
             return logits[:, -1, :].float()
 
         # Recording routing adds work to the step: such steps run as they are, not captured.
-        logits = step() if record else self.graphs.run((rows, width, used), step)
+        logits = step() if record else self.graphs.run((rows, width, used, base_rows), step)
         if record:
             self._flush_routing([r if r is not None and r.decoding else None for r in self._rows[:rows]])
-        slots = torch.tensor([r.slot for r in decoding], device=self.device)
         tokens, logprobs = self.sampler.choose(logits.index_select(0, slots), slots)
         self._next_tokens.index_copy_(0, slots, tokens)
         self._positions.index_add_(0, slots, torch.ones_like(slots))
