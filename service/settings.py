@@ -44,7 +44,10 @@ class Settings(BaseSettings):
     max_input_tokens: int | None = Field(None, ge=1, description="default: the model's context length - 1")
     max_total_tokens: int | None = Field(None, ge=2, description="prompt + new tokens; default: the model's context length")
     max_new_tokens: int = Field(2048, ge=1, description="the most a request may ask for")
-    max_batch_size: int = Field(64, ge=1, description="requests decoded together per base model")
+    max_batch_size: int = Field(64, ge=1, description="requests decoded together per base model (KV cache rows)")
+    max_batch_adapters: int = Field(16, ge=1, description="distinct adapters decoded together per base model (slot table size)")
+    max_prefill_tokens: int = Field(8192, ge=1, description="prompt tokens in one prefill pass while nothing decodes")
+    prefill_chunk_tokens: int = Field(512, ge=1, description="prompt tokens per pass while requests decode: long prompts go in chunks")
 
     # Scheduling: the broker carries one token per startable job; the database picks the job.
     max_running_jobs_per_tenant: int = Field(4, ge=1, description="a tenant's jobs running at once; the rest wait")

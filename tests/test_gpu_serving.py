@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import rlora
 from rlora import AdapterConfig
-from rlora.serve import InferenceEngine
+from rlora.serve import InferenceEngine, Limits
 from rlora.tiny import TINY_CONFIG
 
 pytestmark = pytest.mark.gpu
@@ -47,7 +47,9 @@ def run_batch(engine, adapters):
 def test_captured_decode_steps_equal_uncaptured_ones(tiny_model_path, adapter_paths, dtype):
     outputs = {}
     for graphs in (True, False):
-        with InferenceEngine(cache_dir=tiny_model_path.parent, device="cuda", dtype=dtype, cuda_graphs=graphs) as engine:
+        # Two adapter slots: the second batch's adapters take the first's slots.
+        limits = Limits(max_batch_adapters=2)
+        with InferenceEngine(cache_dir=tiny_model_path.parent, device="cuda", dtype=dtype, cuda_graphs=graphs, limits=limits) as engine:
             for adapter_id, path in adapter_paths.items():
                 engine.adapter(adapter_id, path)
             runner = engine.base_model("tiny")

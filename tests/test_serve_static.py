@@ -154,3 +154,27 @@ def test_rows_are_reused_and_the_decode_batch_stays_dense(workdir, adapter_paths
 def test_bucket_sizes():
     assert [bucket(n, 64) for n in (1, 2, 3, 5, 33, 64, 70)] == [1, 2, 4, 8, 64, 64, 64]
     assert bucket(3, 1024, smallest=64) == 64 and bucket(65, 100, smallest=64) == 100
+
+
+def test_a_freed_row_between_decoding_rows_reads_a_slot_in_range(workdir, adapter_paths):
+    """A short request on a third adapter leaves a row in the middle of the batch; the step still
+    reads that row (its output unused) and must find a slot among those it reads."""
+    order = [("rl", 40), ("small", 40), ("lo", 2), ("rl", 40)]
+    with engine_for(workdir, adapter_paths) as engine:
+        expected = [ids(engine.generate(f"row {i}", {"max_new_tokens": n, "ignore_eos_token": True}, adapter_id=a)) for i, (a, n) in enumerate(order)]
+        handles = [engine.submit(f"row {i}", {"max_new_tokens": n, "ignore_eos_token": True}, adapter_id=a) for i, (a, n) in enumerate(order)]
+        assert [ids(h.result(timeout=60)) for h in handles] == expected
+
+
+def test_a_cancelled_request_leaves_the_queue_while_every_row_is_busy(workdir, adapter_paths):
+    from rlora.serve import RequestCancelled
+
+    with engine_for(workdir, adapter_paths, max_batch_size=1) as engine:
+        busy = engine.submit("busy", {"max_new_tokens": 400, "ignore_eos_token": True}, adapter_id="rl")
+        next(busy.events(timeout=30))
+        queued = engine.submit("queued", GREEDY, adapter_id="lo")
+        queued.cancel()
+        with pytest.raises(RequestCancelled):
+            queued.result(timeout=5)
+        assert not busy.done() and engine.base_model("tiny").pending == 0
+        busy.cancel()

@@ -158,7 +158,11 @@ class InferenceEngine:
 
     def stats(self) -> dict:
         return {
-            "base_models": {name: {"running": r.running, "pending": r.pending, "steps": r.steps} for name, r in self._runners.items()},
+            "base_models": {
+                name: {"running": r.running, "pending": r.pending, "steps": r.steps, "kv_cache_bytes": r.cache.nbytes,
+                       "adapter_table_bytes": r.adapter_slots.nbytes, "captured_steps": len(r.graphs)}
+                for name, r in list(self._runners.items())
+            },
             "adapters": len(self.adapters),
             "adapter_bytes": self.adapters.nbytes,
             "adapter_cache_bytes": self.adapters.max_bytes,

@@ -13,9 +13,10 @@ replays for any mix of adapters. With ``z = x reads_slot^T``:
 
 For the whole batch this is one matmul against the first S' slots' reads (S' = slots in use,
 bucketed), a gather of each row's part, and one matmul against the S' slots' writes with each
-row's input placed in its slot's columns (zeros elsewhere). Its cost grows with the adapters in
-the batch, not with the rows; padding is with zeros and the padded heads' bias is -inf, so a
-row's result is the eval-mode `RLoRALinear` function of its own adapter.
+row's input placed in its slot's columns (zeros elsewhere): the weights read grow with the
+adapters in the batch, not with the rows (the flops with both; both are small beside the base
+matmul). Padding is with zeros and the padded heads' bias is -inf, so a row's result is the
+eval-mode `RLoRALinear` function of its own adapter.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """One request inside a runner, from admission to its end.
 
 Two threads touch it, each its own fields: the decode loop (its slots, how far its prompt is in
-the cache, how many tokens it has generated, the routing it recorded) and the output thread
-(its text, tokens, events and result, see ``output.py``). The loop decides the stops it can see
+the cache, how many tokens it has generated, the routing it recorded, handed to the output
+thread as a snapshot with each token) and the output thread (its text, tokens, events and
+result, see ``output.py``). The loop decides the stops it can see
 from token ids (length, eos); the output thread the stop sequences, which need the text.
 """
 
@@ -36,7 +37,7 @@ class ActiveRequest:
     generated_count: int = 0
     seed: int | None = None
     prompt_logprobs: list[float] = field(default_factory=list)  # decoder_input_details
-    routing: dict[str, list] = field(default_factory=dict)  # path -> [weight sums, entropy sum, tokens]
+    routing: dict[str, tuple] = field(default_factory=dict)  # path -> (weight sums, entropy sum, tokens)
     # The output thread's.
     generated: list[int] = field(default_factory=list)
     tokens: list[Token] = field(default_factory=list)
@@ -56,9 +57,10 @@ class ActiveRequest:
         self.generated_count += 1
         return self.stopping.after_token(self.generated_count, token)
 
-    def accept(self, token: int, logprob: float, special: bool, reason: str | None) -> None:
-        """(Output thread) Take the chosen ``token`` (``reason``: the loop's finish reason): stream
-        it, or finish the request when it ends it, by the loop's reason or a stop sequence."""
+    def accept(self, token: int, logprob: float, special: bool, reason: str | None, routing: dict | None = None) -> None:
+        """(Output thread) Take the chosen ``token`` (``reason``: the loop's finish reason; ``routing``:
+        the loop's routing totals up to this token): stream it, or finish the request when it ends
+        it, by the loop's reason or a stop sequence."""
         if self.handle.done():
             return  # finished by a stop sequence while the loop ran a step more, or cancelled
         self.generated.append(token)
@@ -75,9 +77,9 @@ class ActiveRequest:
         if reason is None:
             self.handle._emit(StreamEvent(index=len(self.generated), token=item))
         else:
-            self._finish(reason)
+            self._finish(reason, routing)
 
-    def _finish(self, reason: str) -> None:
+    def _finish(self, reason: str, routing: dict | None) -> None:
         """Send the last event, with the result, and close the handle."""
         text = self.text  # the texts of the generated non-special tokens, stop text included
         if self.params.return_full_text:
@@ -90,7 +92,7 @@ class ActiveRequest:
             seed=self.seed,
             tokens=self.tokens,
             prefill=self.prefill,
-            routing=routing_from_totals(self.routing) if self.wants_routing else None,
+            routing=routing_from_totals(routing) if self.wants_routing and routing is not None else None,
             adapter_id=self.adapter.adapter_id if self.adapter else None,
         )
         self.handle._emit(StreamEvent(index=len(self.generated), token=self.tokens[-1], generated_text=text, result=result))

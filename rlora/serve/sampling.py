@@ -133,10 +133,6 @@ class BatchSampler:
         self._seen: torch.Tensor | None = None
         self._row_steps: dict[int, _Steps] = {}  # the occupied rows that need any step
 
-    def _tables(self) -> list[torch.Tensor]:
-        tables = [self._samples, self._penalty, self._temperature, self._top_k, self._removed_mass, self._seed, self._draws]
-        return tables + ([self._seen] if self._seen is not None else [])
-
     def set_row(self, row: int, params: GenerationParams, prompt: Sequence[int]) -> int | None:
         """Make `row` choose as `params` asks; returns the seed used when the request samples
         (params.seed, or one drawn with random.SystemRandom in 0..MAX_SEED when None — the
@@ -166,14 +162,6 @@ class BatchSampler:
         ids = ids[ids < self.vocab_size].to(self.device)
         self._seen[row] = False
         self._seen[row, ids] = True
-
-    def move_row(self, src: int, dst: int) -> None:
-        """Row compaction: `dst` takes `src`'s state (`src` becomes free)."""
-        if src == dst:
-            return
-        for table in self._tables():
-            table[dst] = table[src]
-        self._keep_steps(dst, self._row_steps.pop(src, _Steps()))
 
     def _keep_steps(self, row: int, steps: _Steps) -> None:
         if steps:

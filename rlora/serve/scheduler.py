@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import inspect
 import logging
+import os
 import threading
 from collections import deque
 from typing import Any, Callable, Sequence
@@ -97,6 +98,8 @@ class BaseModelRunner:
         self._positions = torch.full((rows,), self.cache.scratch, dtype=torch.long, device=self.device)
         self._row_slots = torch.zeros(rows, dtype=torch.long, device=self.device)
         self._row_on = torch.zeros(rows, dtype=torch.float32, device=self.device)
+        # A decode step's output, written in place: captured graphs share it (none keeps its own).
+        self._logits = torch.zeros(rows, config.vocab_size, dtype=torch.float32, device=self.device)
         self._rows: list[ActiveRequest | None] = [None] * rows  # by slot; touched by the loop thread only
         self._graphs_version = self.adapter_slots.version
         self._decoding: tuple[list[ActiveRequest], torch.Tensor] | None = None  # rows decoding and their slots, until one joins or leaves
@@ -106,6 +109,7 @@ class BaseModelRunner:
         self._pending: deque[ActiveRequest] = deque()
         self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._closed = False
+        self._sweep_pending = False
         self._next_id = 0
         self.steps = 0  # decode steps run, for tests and stats
         self.max_rows = 0  # the most rows decoded in one step
@@ -113,20 +117,22 @@ class BaseModelRunner:
         self._thread.start()
 
     def _rows_that_fit(self, config) -> int:
-        """``max_batch_size``, or fewer on a GPU where that many full-length KV cache rows would
-        take more than half of the free memory (then ``limits`` says the smaller size)."""
+        """``max_batch_size``, or fewer where that many full-length KV cache rows would take more
+        than half of the free memory of the device (then ``limits`` says the smaller size)."""
         rows = self.limits.max_batch_size
-        if self.device.type != "cuda":
-            return rows
         per_row = SlotKVCache.row_bytes(config, self.limits.max_total_tokens, self.dtype)
-        fits = torch.cuda.mem_get_info(self.device)[0] // 2 // per_row
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        fits = free // 2 // per_row
         if fits < 1:
             raise RuntimeError(
                 f"base model {self.name!r}: one KV cache row of {self.limits.max_total_tokens} tokens takes {per_row} bytes, "
-                "over half the free GPU memory; lower max_total_tokens"
+                f"over half the free memory of {self.device}; lower max_total_tokens"
             )
         if fits < rows:
-            log.warning("base model %r: KV cache for %d rows of %d tokens (not %d): GPU memory", self.name, fits, self.limits.max_total_tokens, rows)
+            log.warning("base model %r: KV cache for %d rows of %d tokens (not %d): device memory", self.name, fits, self.limits.max_total_tokens, rows)
             self.limits = dataclasses.replace(self.limits, max_batch_size=int(fits))
         return self.limits.max_batch_size
 
@@ -184,13 +190,14 @@ class BaseModelRunner:
                 handle=handle, params=params, adapter=adapter, prompt=prompt, prompt_text=text,
                 stopping=stopping, decoder=IncrementalDecoder(self._decode, prompt),
             )
-            handle._on_cancel = self._wake
+            handle._on_cancel = self._cancelled
             self._pending.append(request)
             self._cv.notify_all()
         return handle
 
-    def _wake(self) -> None:
+    def _cancelled(self) -> None:
         with self._cv:
+            self._sweep_pending = True
             self._cv.notify_all()
 
     def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
@@ -281,6 +288,11 @@ class BaseModelRunner:
 
     def _take_pending(self) -> list[ActiveRequest]:
         """Queued requests for the free rows (called with ``_cv`` held); cancelled ones end here."""
+        if self._sweep_pending:  # a queued request was cancelled: end it now, not when a row frees
+            self._sweep_pending = False
+            for request in [r for r in self._pending if r.handle.cancelled]:
+                self._pending.remove(request)
+                request.handle._close(error=RequestCancelled("request cancelled"))
         taken = []
         room = self._rows.count(None)
         while self._pending and len(taken) < room:
@@ -296,22 +308,29 @@ class BaseModelRunner:
         slot go back to the front of the queue, in order."""
         waiting = []
         for request in candidates:
-            if request.adapter is not None:
-                slot = self.adapter_slots.acquire(request.adapter)
-                if slot is None:
-                    waiting.append(request)
-                    continue
-                request.adapter_slot = slot
-            request.slot = self._rows.index(None)  # the lowest free row: the decode batch stays dense
-            self._rows[request.slot] = request
-            request.seed = self.sampler.set_row(request.slot, request.params, request.prompt)
+            try:
+                if request.adapter is not None:
+                    slot = self.adapter_slots.acquire(request.adapter)
+                    if slot is None:
+                        waiting.append(request)
+                        continue
+                    request.adapter_slot = slot
+                request.slot = self._rows.index(None)  # the lowest free row: the decode batch stays dense
+                self._rows[request.slot] = request
+                self._row_slots[request.slot] = max(request.adapter_slot, 0)
+                request.seed = self.sampler.set_row(request.slot, request.params, request.prompt)
+            except Exception as err:  # noqa: BLE001 - e.g. out of memory growing a table: this request fails
+                if request.slot >= 0:
+                    self._free(request)
+                elif request.adapter_slot >= 0:
+                    self.adapter_slots.release(request.adapter_slot)
+                request.handle._close(error=err)
         if waiting:
             with self._cv:
                 self._pending.extendleft(reversed(waiting))
         if self.adapter_slots.version != self._graphs_version:  # tables reallocated: graphs read old ones
             self.graphs.clear()
             self._graphs_version = self.adapter_slots.version
-        self._decoding: tuple[list[ActiveRequest], torch.Tensor] | None = None  # rows decoding and their slots, until one joins or leaves
 
     def _drop_ended(self) -> None:
         """Free the rows of requests cancelled or ended by a stop sequence (output thread)."""
@@ -328,6 +347,7 @@ class BaseModelRunner:
         self._decoding = None
         self._positions[slot] = self.cache.scratch
         self._row_on[slot] = 0.0
+        self._row_slots[slot] = 0  # a row that is not decoding still takes part in a step: a slot in range
         self.sampler.free_row(slot)
         if request.adapter_slot >= 0:
             self.adapter_slots.release(request.adapter_slot)
@@ -443,7 +463,7 @@ class BaseModelRunner:
                 input_ids=self._next_tokens[:rows].unsqueeze(1), attention_mask=decode_mask(positions, width, self.dtype),
                 position_ids=positions.unsqueeze(1), logits_to_keep=1,
             )
-            return logits[:, -1, :].float()
+            return self._logits[:rows].copy_(logits[:, -1, :])
 
         # Recording routing adds work to the step: such steps run as they are, not captured.
         logits = step() if record else self.graphs.run((rows, width, used, base_rows), step)
@@ -466,15 +486,18 @@ class BaseModelRunner:
         for request, token, logprob in zip(requests, chosen[0], chosen[1]):
             token = int(token)
             reason = request.count(token)
+            # The routing so far, as the output thread finishes with it (the loop adds to it).
+            routing = dict(request.routing) if request.wants_routing else None
+            items.append((request, token, logprob, reason, routing))
+        self._output.submit(lambda: self._deliver(items))
+        for request, _, _, reason, _ in items:
             if reason is not None:
                 self._free(request)
-            items.append((request, token, logprob, reason))
-        self._output.submit(lambda: self._deliver(items))
 
-    def _deliver(self, items: list[tuple[ActiveRequest, int, float, str | None]]) -> None:
-        for request, token, logprob, reason in items:
+    def _deliver(self, items: list[tuple[ActiveRequest, int, float, str | None, dict | None]]) -> None:
+        for request, token, logprob, reason, routing in items:
             try:
-                request.accept(token, logprob, token in self.special_ids, reason)
+                request.accept(token, logprob, token in self.special_ids, reason, routing)
             except Exception as err:  # noqa: BLE001 - this request fails, the others go on
                 request.handle._close(error=err)
 
@@ -493,7 +516,6 @@ class BaseModelRunner:
                 packed = request.adapter.layers.get(path)
                 if packed is None or not packed.has_router or counts[i] == 0:
                     continue
-                totals = request.routing.setdefault(path, [torch.zeros(packed.heads), 0.0, 0])
-                totals[0] += sums[i, : packed.heads]
-                totals[1] += float(entropy[i])
-                totals[2] += int(counts[i])
+                weights, entropies, tokens = request.routing.get(path, (torch.zeros(packed.heads), 0.0, 0))
+                # A new tuple, never one changed in place: the output thread may hold the old one.
+                request.routing[path] = (weights + sums[i, : packed.heads], entropies + float(entropy[i]), tokens + int(counts[i]))

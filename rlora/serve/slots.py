@@ -49,14 +49,12 @@ class AdapterSlots:
     def release(self, slot: int) -> None:
         self._users[slot] -= 1
 
-    def adapter(self, slot: int) -> LoadedAdapter | None:
-        return self._adapters[slot]
-
     @property
     def nbytes(self) -> int:
         return sum(layer.table.nbytes for layer in self.layers.values() if layer.table is not None)
 
     def _load(self, slot: int, adapter: LoadedAdapter) -> None:
+        self._adapters[slot] = None  # until every layer holds the new adapter (a failed copy leaves no half)
         for path, layer in self.layers.items():
             packed = adapter.layers.get(path)
             if packed is None:
@@ -101,6 +99,8 @@ def _copy_in(table: LayerTable, slot: int, packed: PackedLayer) -> None:
     [0, R) | [R, R+NH) | [R+NH, ...), writes columns per head at i*R, the correction at NH*R."""
     R, NH = table.rank, table.heads
     r, n, nr, r0 = packed.rank, packed.heads, packed.router_rows, packed.correction_rank
+    if not packed.has_router and n != 1:  # the table weighs heads by a softmax: 1 without a router
+        raise ValueError(f"a layer without a router has one head, not {n}")
     reads, writes = table.reads[slot], table.writes[slot]
     reads[:r] = packed.reads[:r]
     reads[R : R + nr] = packed.reads[r : r + nr]

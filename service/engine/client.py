@@ -97,14 +97,20 @@ class RemoteRequest:
             async for line in self._response.aiter_lines():
                 if not line:
                     continue
-                message = json.loads(line)
-                if "error" in message:
-                    raise error_from_json(message["error"])
-                event = event_from_json(message["event"])
+                try:
+                    message = json.loads(line)
+                    error = message.get("error")
+                    event = event_from_json(message["event"]) if error is None else None
+                except (ValueError, KeyError, TypeError, AttributeError) as err:
+                    lost = f"a malformed line ({_reason(err)})"
+                    break
+                if error is not None:
+                    raise error_from_json(error)
                 yield event
                 if event.final:
                     return
-            lost = "the stream ended before the request finished"
+            else:
+                lost = "the stream ended before the request finished"
         except (httpx.HTTPError, httpx.StreamError) as err:
             lost = _reason(err)
         finally:
@@ -161,13 +167,15 @@ class RemoteEngine:
             response = await self._http.get(f"{engine.url}/info", timeout=httpx.Timeout(INFO_TIMEOUT, connect=self.connect_timeout))
             response.raise_for_status()
             info = response.json()
-        except (httpx.HTTPError, ValueError) as err:
+            base_models = set(info["base_models"])
+            load = sum(m["running"] + m["pending"] for m in info["stats"]["base_models"].values())
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as err:  # down, or not an engine's answer
             engine.reachable = False
             log.warning("engine at %s: no info (%s)", engine.url, _reason(err))
             return
         engine.reachable = True
-        engine.base_models = set(info["base_models"])
-        engine.reported_load = sum(m["running"] + m["pending"] for m in info["stats"]["base_models"].values())
+        engine.base_models = base_models
+        engine.reported_load = load
 
     async def refresh(self, max_age: float = 0.0) -> None:
         """Ask every engine what it holds, unless that was asked less than ``max_age`` seconds

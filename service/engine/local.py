@@ -14,6 +14,9 @@ def engine_limits(settings: Settings) -> Limits:
         max_total_tokens=settings.max_total_tokens,
         max_new_tokens=settings.max_new_tokens,
         max_batch_size=settings.max_batch_size,
+        max_batch_adapters=settings.max_batch_adapters,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
     )
 
 

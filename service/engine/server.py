@@ -13,6 +13,7 @@ header; the engine listens on 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -96,7 +97,7 @@ def create_engine_app(engine: InferenceEngine, token: str | None = None) -> Star
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        engine.close()  # its decode loops stop; requests still running end with EngineClosed
+        await asyncio.to_thread(engine.close)  # its decode loops stop; requests still running end with EngineClosed
 
     return Starlette(
         routes=[
