@@ -4,6 +4,7 @@ adapters replays the same graphs, and bfloat16 serving agrees with training-time
 
 import pytest
 import torch
+from adapters_support import perturbed_adapters
 from transformers import AutoModelForCausalLM
 
 import rlora
@@ -25,17 +26,7 @@ TEXTS = ["graphs", "a longer prompt than the first", "x", "the fourth row"]
 
 @pytest.fixture(scope="module")
 def adapter_paths(tmp_path_factory, tiny_model_path):
-    root = tmp_path_factory.mktemp("gpu-adapters")
-    paths = {}
-    for adapter_id, config in ADAPTERS.items():
-        model = rlora.attach(AutoModelForCausalLM.from_pretrained(tiny_model_path), config)
-        generator = torch.Generator().manual_seed(config.seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
-        paths[adapter_id] = rlora.save(model, root / adapter_id, base_model_name="tiny")
-    return paths
+    return perturbed_adapters(tiny_model_path, ADAPTERS, tmp_path_factory.mktemp("gpu-adapters"))
 
 
 def run_batch(engine, adapters):

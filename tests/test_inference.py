@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from adapters_support import perturbed_adapters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlora
@@ -55,16 +56,7 @@ def fresh_base(model_dir):
 
 @pytest.fixture(scope="module")
 def adapter_paths(workdir, model_dir):
-    paths = {}
-    for adapter_id, (config) in ADAPTERS.items():
-        model = rlora.attach(fresh_base(model_dir), config)
-        generator = torch.Generator().manual_seed(config.seed + 100)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:  # move away from the (identity) start: adapters differ from base
-                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
-        paths[adapter_id] = rlora.save(model, workdir / "adapters" / adapter_id, base_model_name="tiny")
-    return paths
+    return perturbed_adapters(model_dir, ADAPTERS, workdir / "adapters", seed_offset=100)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from adapters_support import perturbed_adapters
 from transformers import AutoModelForCausalLM
 
 import rlora
@@ -28,33 +29,23 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("static")
+def adapter_paths(tmp_path_factory, tiny_model_path):
+    return perturbed_adapters(tiny_model_path, ADAPTERS, tmp_path_factory.mktemp("static-adapters"))
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir):
-    from rlora.tiny import build_tiny_model
-
-    return build_tiny_model(workdir / "cache" / "tiny")
+def workdir(tiny_model_path):
+    """The built-models cache the engines resolve "tiny" in."""
+    return tiny_model_path.parent
 
 
 @pytest.fixture(scope="module")
-def adapter_paths(workdir, model_dir):
-    paths = {}
-    for adapter_id, config in ADAPTERS.items():
-        model = rlora.attach(AutoModelForCausalLM.from_pretrained(model_dir), config)
-        generator = torch.Generator().manual_seed(config.seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
-        paths[adapter_id] = rlora.save(model, workdir / "adapters" / adapter_id, base_model_name="tiny")
-    return paths
+def model_dir(tiny_model_path):
+    return tiny_model_path
 
 
 def engine_for(workdir, adapter_paths, **limits) -> InferenceEngine:
-    engine = InferenceEngine(cache_dir=workdir / "cache", device="cpu", limits=Limits(**limits))
+    engine = InferenceEngine(cache_dir=workdir, device="cpu", limits=Limits(**limits))
     for adapter_id, path in adapter_paths.items():
         engine.adapter(adapter_id, path)
     return engine
