@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     max_batch_adapters: int = Field(16, ge=1, description="distinct adapters decoded together per base model (slot table size)")
     max_prefill_tokens: int = Field(8192, ge=1, description="prompt tokens in one prefill pass while nothing decodes")
     prefill_chunk_tokens: int = Field(512, ge=1, description="prompt tokens per pass while requests decode: long prompts go in chunks")
+    # One tenant among many, per base model: its share of the generation queue and of the batch.
+    max_pending_generations_per_tenant: int = Field(256, ge=1, description="a tenant's waiting generation requests; more: 429")
+    max_running_generations_per_tenant: int = Field(32, ge=1, description="a tenant's requests decoding at once; more wait, the others' go first")
+    max_generated_tokens_per_second_per_tenant: float | None = Field(None, gt=0, description="a tenant's generated tokens per second (unset: no cap)")
 
     # Scheduling: the broker carries one token per startable job; the database picks the job.
     max_running_jobs_per_tenant: int = Field(4, ge=1, description="a tenant's jobs running at once; the rest wait")

@@ -491,3 +491,19 @@ def test_null_parameters_and_stream_mean_defaults(client, owner):
     assert response.status_code == 200, response.text
     listed = client.post("/", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}, "stream": None}, headers=headers)
     assert listed.status_code == 200 and isinstance(listed.json(), list)
+
+
+def test_an_adapter_with_non_finite_weights_is_a_422_naming_the_adapter(app, client, tiny_model_path):
+    from safetensors.torch import load_file, save_file
+
+    tenant_id, headers = new_tenant(app, "nan")
+    adapter_id = make_adapter(app, tiny_model_path, tenant_id)
+    with app.state.db.session() as session:
+        path = session.get(Adapter, adapter_id).path
+    weights = f"{path}/adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("lora_B"))
+    tensors[name][0, 0, 0] = float("inf")  # as a diverged job leaves it
+    save_file(tensors, weights)
+    error = error_of(client.post("/generate", headers=headers, json=body(adapter_id, **GREEDY)), 422)
+    assert error["code"] == "adapter_unusable" and error["field"] == "parameters.adapter_id" and "not finite" in error["message"]

@@ -33,20 +33,23 @@ How a route uses it::
 
 Errors: `GenerationValidationError` (a ValueError with ``.field``) -> 422;
 `rlora.basemodels.UnknownBaseModel` (LookupError), FileNotFoundError (no adapter folder) and
-KeyError (adapter not loaded, no path) -> 404; `rlora.AdapterMismatchError` -> 422;
-`EngineOverloaded` -> 429; `EngineClosed` -> 503; `RequestCancelled` only reaches a waiter of
-a request that was cancelled.
+KeyError (adapter not loaded, no path) -> 404; `rlora.AdapterMismatchError` and
+`AdapterNotFinite` -> 422; `EngineOverloaded` -> 429; `EngineClosed` -> 503. After submission a
+request may end with `NonFiniteScores` (its adapter's outputs overflow; 422) or `RequestFailed`
+(it failed alone, e.g. out of memory in its prompt; 503), the rest of the batch going on;
+`RequestCancelled` only reaches a waiter of a request that was cancelled.
 """
 
-from .adapters import AdapterCache, AdapterTooLarge, LoadedAdapter, PackedLayer, load_adapter, pack_layer
+from .adapters import AdapterCache, AdapterNotFinite, AdapterTooLarge, LoadedAdapter, PackedLayer, load_adapter, pack_layer
 from .engine import InferenceEngine
-from .handle import EngineClosed, EngineOverloaded, RequestCancelled, RequestHandle
+from .handle import EngineClosed, EngineOverloaded, NonFiniteScores, RequestCancelled, RequestFailed, RequestHandle
 from .multi_linear import MultiAdapterLinear
 from .params import GenerationParams, GenerationResult, GenerationValidationError, Limits, StreamEvent, Token
 from .scheduler import BaseModelRunner
 
 __all__ = [
     "AdapterCache",
+    "AdapterNotFinite",
     "AdapterTooLarge",
     "BaseModelRunner",
     "EngineClosed",
@@ -58,8 +61,10 @@ __all__ = [
     "Limits",
     "LoadedAdapter",
     "MultiAdapterLinear",
+    "NonFiniteScores",
     "PackedLayer",
     "RequestCancelled",
+    "RequestFailed",
     "RequestHandle",
     "StreamEvent",
     "Token",

@@ -31,6 +31,11 @@ class AdapterTooLarge(ValueError):
     """An adapter bigger than the whole adapter cache."""
 
 
+class AdapterNotFinite(ValueError):
+    """An adapter with NaN or infinite weights (after its scaling): it would make every
+    request on it fail, and its infinities would spill into other rows' zero products."""
+
+
 @dataclass
 class PackedLayer:
     """One adapted layer, eval mode. ``reads`` in the adapter's dtype, ``writes`` pre-scaled and
@@ -126,10 +131,12 @@ def load_adapter(
     layers = {}
     for module, parts in modules.items():
         _check_module(adapter_id, module, parts, config, linear_shapes)
-        layers[module] = pack_layer(
+        packed = layers[module] = pack_layer(
             parts["lora_A"], parts["lora_B"], parts.get("router"), parts.get("lora_A0"), parts.get("lora_B0"),
             config.scaling, out_dtype,
         )
+        if not (torch.isfinite(packed.reads).all() and torch.isfinite(packed.writes).all()):
+            raise AdapterNotFinite(f"adapter {adapter_id!r}, module {module!r}: weights (times its scaling {config.scaling:g}) are not finite numbers")
     return LoadedAdapter(adapter_id=adapter_id, path=path, base_model=base_model, config=config, layers=layers, meta=meta)
 
 

@@ -120,9 +120,11 @@ class InferenceEngine:
         adapter_id: str | None = None,
         adapter_path: str | os.PathLike | None = None,
         base_model: str | None = None,
+        tenant: str = "",
     ) -> RequestHandle:
-        """Validate and queue a request; returns at once. Raises `GenerationValidationError`
-        (422), `rlora.basemodels.UnknownBaseModel` (LookupError), FileNotFoundError or
+        """Validate and queue a request of ``tenant`` (queues and caps are per tenant, see
+        `Limits`); returns at once. Raises `GenerationValidationError` (422),
+        `rlora.basemodels.UnknownBaseModel` (LookupError), FileNotFoundError or
         `AdapterMismatchError` for the adapter, `EngineOverloaded` (429)."""
         params = as_params(parameters)
         adapter = None
@@ -132,7 +134,7 @@ class InferenceEngine:
         base_model = base_model or self.default_base_model
         if base_model is None:
             raise GenerationValidationError("base_model", "no base model: give one, or an adapter")
-        return self.base_model(base_model).submit(inputs, params, adapter)
+        return self.base_model(base_model).submit(inputs, params, adapter, tenant)
 
     async def asubmit(self, inputs, parameters=None, **kwargs) -> RequestHandle:
         """`submit` without blocking the event loop (tokenizing and loading run in a thread)."""

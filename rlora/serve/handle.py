@@ -30,6 +30,14 @@ class EngineClosed(RuntimeError):
     """The engine was shut down."""
 
 
+class RequestFailed(RuntimeError):
+    """This request failed on its own (e.g. its prompt ran out of memory); the batch went on."""
+
+
+class NonFiniteScores(RequestFailed):
+    """The request's scores were NaN or infinite: its adapter cannot be served."""
+
+
 _DONE = object()
 
 

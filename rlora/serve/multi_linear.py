@@ -106,8 +106,8 @@ class MultiAdapterLinear(nn.Module):
         stacked = torch.cat([heads.flatten(-2), z[..., r + nh :]], dim=-1)
         # Rows without an adapter add exactly zero; then the sum is added inside the matmul
         # (addmm), as RLoRALinear does: one rounding in bfloat16, so serving reproduces eval.
-        if context.row_on is not None:
-            stacked = stacked * context.row_on.view(batch, 1, 1).to(stacked.dtype)
+        if context.row_on is not None:  # a where, not a product: 0 * inf would be NaN
+            stacked = torch.where(context.row_on.view(batch, 1, 1) > 0, stacked, 0.0)
         stacked = stacked.to(out.dtype)
         w = stacked.shape[-1]
         if used == 1:

@@ -29,6 +29,7 @@ class ActiveRequest:
     prompt_text: str
     stopping: StopCriteria
     decoder: IncrementalDecoder
+    tenant: str = ""  # whose request: queues and caps are per tenant
     # The decode loop's.
     slot: int = -1  # its row of the KV cache and of the sampler
     adapter_slot: int = -1  # its adapter's slot in the tables (-1: none)

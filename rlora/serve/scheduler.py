@@ -29,7 +29,7 @@ import inspect
 import logging
 import os
 import threading
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable, Sequence
 
 import torch
@@ -42,17 +42,21 @@ from .adapters import LoadedAdapter
 from .batch import additive_mask, bucket, decode_mask, prefill_chunk, prefill_mask, prefill_positions
 from .detokenize import IncrementalDecoder
 from .graphs import CapturedSteps
-from .handle import EngineClosed, EngineOverloaded, RequestCancelled, RequestHandle
+from .handle import EngineClosed, NonFiniteScores, RequestCancelled, RequestFailed, RequestHandle
 from .kv_cache import SlotKVCache
 from .multi_linear import ForwardContext, wrap_linears
 from .output import OutputThread
 from .params import GenerationParams, GenerationValidationError, Limits
+from .queues import TenantQueues
 from .request import ActiveRequest
 from .sampling import BatchSampler
 from .slots import AdapterSlots
 from .stopping import StopCriteria
 
 log = logging.getLogger(__name__)
+
+# How long the loop sleeps when every waiting request is held back by its tenant's token rate.
+_HELD_BACK_WAIT = 0.02
 
 # The smallest attended width of a decode step: fewer shapes to capture for short requests.
 _MIN_WIDTH = 64
@@ -106,7 +110,7 @@ class BaseModelRunner:
         self._output = OutputThread(name)
         # Queue shared with submitters.
         self._cv = threading.Condition()
-        self._pending: deque[ActiveRequest] = deque()
+        self._pending = TenantQueues(self.limits)
         self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._closed = False
         self._sweep_pending = False
@@ -156,7 +160,7 @@ class BaseModelRunner:
             ids = keep_last(self.tokenizer, ids, params.truncate)
         return ids, text
 
-    def submit(self, inputs: str | Sequence[int], params: GenerationParams, adapter: LoadedAdapter | None) -> RequestHandle:
+    def submit(self, inputs: str | Sequence[int], params: GenerationParams, adapter: LoadedAdapter | None, tenant: str = "") -> RequestHandle:
         limits = self.limits
         params.check_limits(limits)
         if not isinstance(inputs, str) and not (isinstance(inputs, Sequence) and inputs):
@@ -182,16 +186,14 @@ class BaseModelRunner:
         with self._cv:
             if self._closed:
                 raise EngineClosed("the inference engine is shut down")
-            if len(self._pending) >= limits.max_queue:
-                raise EngineOverloaded("Model is overloaded")
-            self._next_id += 1
-            handle = RequestHandle(self._next_id, params, n)
+            handle = RequestHandle(self._next_id + 1, params, n)
             request = ActiveRequest(
                 handle=handle, params=params, adapter=adapter, prompt=prompt, prompt_text=text,
-                stopping=stopping, decoder=IncrementalDecoder(self._decode, prompt),
+                stopping=stopping, decoder=IncrementalDecoder(self._decode, prompt), tenant=tenant,
             )
+            self._pending.add(request)  # EngineOverloaded: the queue, or this tenant's share, is full
+            self._next_id += 1
             handle._on_cancel = self._cancelled
-            self._pending.append(request)
             self._cv.notify_all()
         return handle
 
@@ -261,6 +263,9 @@ class BaseModelRunner:
                 jobs = list(self._jobs)
                 self._jobs.clear()
                 candidates = self._take_pending()
+                if not candidates and not jobs and not self.running and self._pending:
+                    self._cv.wait(_HELD_BACK_WAIT)  # every waiting tenant is at a cap: look again shortly
+                    continue
             try:
                 with torch.inference_mode():
                     for fn, future in jobs:
@@ -278,8 +283,7 @@ class BaseModelRunner:
                     self._output.submit(lambda r=request, e=err: r.handle._close(error=e))
         error = EngineClosed("the inference engine is shut down")
         with self._cv:
-            leftovers = list(self._pending) + [r for r in self._rows if r is not None]
-            self._pending.clear()
+            leftovers = self._pending.drain() + [r for r in self._rows if r is not None]
             jobs = list(self._jobs)
         for request in leftovers:
             self._output.submit(lambda r=request: r.handle._close(error=error))
@@ -290,18 +294,9 @@ class BaseModelRunner:
         """Queued requests for the free rows (called with ``_cv`` held); cancelled ones end here."""
         if self._sweep_pending:  # a queued request was cancelled: end it now, not when a row frees
             self._sweep_pending = False
-            for request in [r for r in self._pending if r.handle.cancelled]:
-                self._pending.remove(request)
-                request.handle._close(error=RequestCancelled("request cancelled"))
-        taken = []
-        room = self._rows.count(None)
-        while self._pending and len(taken) < room:
-            request = self._pending.popleft()
-            if request.handle.cancelled:
-                request.handle._close(error=RequestCancelled("request cancelled"))
-                continue
-            taken.append(request)
-        return taken
+            self._pending.sweep_cancelled()
+        running = Counter(r.tenant for r in self._rows if r is not None)
+        return self._pending.take(self._rows.count(None), running)
 
     def _admit(self, candidates: list[ActiveRequest]) -> None:
         """Give each candidate a row and its adapter a slot; those whose adapter finds no free
@@ -327,7 +322,7 @@ class BaseModelRunner:
                 request.handle._close(error=err)
         if waiting:
             with self._cv:
-                self._pending.extendleft(reversed(waiting))
+                self._pending.put_back(waiting)
         if self.adapter_slots.version != self._graphs_version:  # tables reallocated: graphs read old ones
             self.graphs.clear()
             self._graphs_version = self.adapter_slots.version
@@ -388,6 +383,40 @@ class BaseModelRunner:
                 break
             rows.append(request)
             chunks.append(request.prompt[request.prefilled : request.prefilled + take])
+        try:
+            logits = self._prefill_forward(rows, chunks)
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory: these prompts fail, the batch goes on
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            for request in rows:
+                self._free(request)
+                failure = RequestFailed(f"the prompt could not be processed ({type(err).__name__}: {err}); try again later")
+                self._output.submit(lambda r=request, e=failure: r.handle._close(error=e))
+            return
+        for request, tokens in zip(rows, chunks):
+            request.prefilled += len(tokens)
+        done = [i for i, r in enumerate(rows) if r.decoding]
+        if not done:
+            return
+        index = torch.tensor(done, device=self.device)
+        slots = torch.tensor([rows[i].slot for i in done], device=self.device)
+        scores = logits[:, -1, :].index_select(0, index).float()
+        tokens, logprobs = self.sampler.choose(scores, slots)
+        finished = [rows[i] for i in done]
+        self._decoding = None
+        for request in finished:
+            request.length = len(request.prompt)
+            self._row_slots[request.slot] = max(request.adapter_slot, 0)
+            self._row_on[request.slot] = float(request.adapter_slot >= 0)
+            if request.params.decoder_input_details:
+                self._output.submit(lambda r=request: r.record_prefill(self._decode, self.special_ids))
+        self._positions.index_copy_(0, slots, torch.tensor([r.length for r in finished], device=self.device))
+        self._next_tokens.index_copy_(0, slots, tokens)
+        self._hand_over(finished, scores, tokens, logprobs)
+
+    def _prefill_forward(self, rows: list[ActiveRequest], chunks: list[list[int]]) -> torch.Tensor:
+        """The logits of one chunk of each row's prompt (the last position, or all with
+        ``decoder_input_details``); records prompt logprobs and routing."""
         chunk = prefill_chunk(chunks, [r.prefilled for r in rows], [r.slot for r in rows], self.pad_id, self.cache.scratch, self.device)
         self._set_adapters([r.adapter_slot for r in rows], chunk.token_mask)
         if any(r.wants_routing for r in rows):
@@ -401,25 +430,7 @@ class BaseModelRunner:
         if keep_all:
             self._record_prompt_logprobs(rows, chunks, logits)
         self._flush_routing(rows)
-        for request, tokens in zip(rows, chunks):
-            request.prefilled += len(tokens)
-        done = [i for i, r in enumerate(rows) if r.decoding]
-        if not done:
-            return
-        index = torch.tensor(done, device=self.device)
-        slots = torch.tensor([rows[i].slot for i in done], device=self.device)
-        tokens, logprobs = self.sampler.choose(logits[:, -1, :].index_select(0, index).float(), slots)
-        finished = [rows[i] for i in done]
-        self._decoding = None
-        for request in finished:
-            request.length = len(request.prompt)
-            self._row_slots[request.slot] = max(request.adapter_slot, 0)
-            self._row_on[request.slot] = float(request.adapter_slot >= 0)
-            if request.params.decoder_input_details:
-                self._output.submit(lambda r=request: r.record_prefill(self._decode, self.special_ids))
-        self._positions.index_copy_(0, slots, torch.tensor([r.length for r in finished], device=self.device))
-        self._next_tokens.index_copy_(0, slots, tokens)
-        self._hand_over(finished, tokens, logprobs)
+        return logits
 
     def _record_prompt_logprobs(self, rows: list[ActiveRequest], chunks: list[list[int]], logits: torch.Tensor) -> None:
         """Each prompt token's log-probability given the tokens before it, from this chunk's logits."""
@@ -469,27 +480,40 @@ class BaseModelRunner:
         logits = step() if record else self.graphs.run((rows, width, used, base_rows), step)
         if record:
             self._flush_routing([r if r is not None and r.decoding else None for r in self._rows[:rows]])
-        tokens, logprobs = self.sampler.choose(logits.index_select(0, slots), slots)
+        scores = logits.index_select(0, slots)
+        tokens, logprobs = self.sampler.choose(scores, slots)
         self._next_tokens.index_copy_(0, slots, tokens)
         self._positions.index_add_(0, slots, torch.ones_like(slots))
         for request in decoding:
             request.length += 1
         self.steps += 1
         self.max_rows = max(self.max_rows, len(decoding))
-        self._hand_over(decoding, tokens, logprobs)
+        self._hand_over(decoding, scores, tokens, logprobs)
 
-    def _hand_over(self, requests: list[ActiveRequest], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+    def _hand_over(self, requests: list[ActiveRequest], scores: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
         """The chosen tokens to the output thread (one device-to-host copy); rows that reached
-        their length or eos are freed now."""
-        chosen = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        their length or eos are freed now. A row whose ``scores`` are not all finite (an adapter
+        whose activations overflow) fails alone: its token means nothing."""
+        finite = torch.isfinite(scores).all(-1)
+        chosen = torch.stack([tokens.double(), logprobs.double(), finite.double()]).tolist()
         items = []
-        for request, token, logprob in zip(requests, chosen[0], chosen[1]):
+        for request, token, logprob, ok in zip(requests, *chosen):
+            if not ok:
+                self._free(request)
+                failure = NonFiniteScores(
+                    f"the scores of this request are not finite numbers (NaN or infinity): "
+                    f"{'adapter ' + repr(request.adapter.adapter_id) if request.adapter else 'the base model'} cannot be served"
+                )
+                self._output.submit(lambda r=request, e=failure: r.handle._close(error=e))
+                continue
             token = int(token)
             reason = request.count(token)
             # The routing so far, as the output thread finishes with it (the loop adds to it).
             routing = dict(request.routing) if request.wants_routing else None
             items.append((request, token, logprob, reason, routing))
         self._output.submit(lambda: self._deliver(items))
+        for tenant, tokens in Counter(item[0].tenant for item in items).items():
+            self._pending.charge(tenant, tokens)
         for request, _, _, reason, _ in items:
             if reason is not None:
                 self._free(request)

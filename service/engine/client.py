@@ -206,6 +206,7 @@ class RemoteEngine:
         adapter_id: str | None = None,
         adapter_path: str | os.PathLike | None = None,
         base_model: str | None = None,
+        tenant: str = "",
     ) -> RemoteRequest:
         """Send the request to an engine; returns once the engine accepted it. Raises what the
         engine's ``submit`` raised, or `EngineUnavailable` when no engine could take it."""
@@ -217,6 +218,7 @@ class RemoteEngine:
             "adapter_id": adapter_id,
             "adapter_path": None if adapter_path is None else os.fspath(adapter_path),
             "base_model": base_model,
+            "tenant": tenant,
         }
         wanted = base_model or self.default_base_model
         problems = []

@@ -17,6 +17,9 @@ def engine_limits(settings: Settings) -> Limits:
         max_batch_adapters=settings.max_batch_adapters,
         max_prefill_tokens=settings.max_prefill_tokens,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        max_pending_per_tenant=settings.max_pending_generations_per_tenant,
+        max_running_per_tenant=settings.max_running_generations_per_tenant,
+        max_tokens_per_second_per_tenant=settings.max_generated_tokens_per_second_per_tenant,
     )
 
 

@@ -21,12 +21,15 @@ from typing import Any
 from rlora.adapter.folder import AdapterMismatchError
 from rlora.basemodels import UnknownBaseModel
 from rlora.serve import (
+    AdapterNotFinite,
     AdapterTooLarge,
     EngineClosed,
     EngineOverloaded,
     GenerationResult,
     GenerationValidationError,
+    NonFiniteScores,
     RequestCancelled,
+    RequestFailed,
     StreamEvent,
     Token,
 )
@@ -44,13 +47,15 @@ class RemoteEngineError(RuntimeError):
 REFUSAL_STATUS: dict[type[BaseException], int] = {
     GenerationValidationError: 422,
     AdapterMismatchError: 422,
+    AdapterNotFinite: 422,
     AdapterTooLarge: 507,
     FileNotFoundError: 404,
     UnknownBaseModel: 404,
     EngineOverloaded: 429,
     EngineClosed: 503,
 }
-_BY_NAME = {cls.__name__: cls for cls in [*REFUSAL_STATUS, RequestCancelled]}
+# Errors after a request was accepted: NonFiniteScores before RequestFailed (its base class).
+_BY_NAME = {cls.__name__: cls for cls in [*REFUSAL_STATUS, RequestCancelled, NonFiniteScores, RequestFailed]}
 
 
 def refusal_status(error: BaseException) -> int:

@@ -83,7 +83,7 @@ def create_engine_app(engine: InferenceEngine, token: str | None = None) -> Star
         try:
             handle = await engine.asubmit(
                 inputs, body.get("parameters"), adapter_id=body.get("adapter_id"),
-                adapter_path=body.get("adapter_path"), base_model=body.get("base_model"),
+                adapter_path=body.get("adapter_path"), base_model=body.get("base_model"), tenant=str(body.get("tenant") or ""),
             )
         except _REFUSALS as err:
             return JSONResponse({"error": error_json(err)}, status_code=refusal_status(err))

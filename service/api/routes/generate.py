@@ -37,12 +37,15 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from rlora.serve import (
+    AdapterNotFinite,
     AdapterTooLarge,
     EngineClosed,
     EngineOverloaded,
     GenerationParams,
     GenerationResult,
     GenerationValidationError,
+    NonFiniteScores,
+    RequestFailed,
 )
 from rlora.adapter.folder import AdapterMismatchError
 from rlora.basemodels import UnknownBaseModel
@@ -147,16 +150,18 @@ async def _prepare(body: GenerateRequest, tenant_id: str, session: Session) -> t
     return params, target
 
 
-async def _submit(engine: Engine, inputs: str, params: GenerationParams, target: Target | None) -> Handle:
-    kwargs: dict[str, Any] = {}
+async def _submit(engine: Engine, inputs: str, params: GenerationParams, target: Target | None, tenant_id: str) -> Handle:
+    kwargs: dict[str, Any] = {"tenant": tenant_id}  # the engine's queues and caps are per tenant
     if target is not None:
-        kwargs = dict(adapter_id=target.adapter_id, adapter_path=target.path, base_model=target.base_model)
+        kwargs.update(adapter_id=target.adapter_id, adapter_path=target.path, base_model=target.base_model)
     try:
         return await engine.asubmit(inputs, params, **kwargs)
     except GenerationValidationError as err:
         raise invalid(error_field(err.field), str(err)) from None
     except AdapterMismatchError as err:
         raise APIError(422, "adapter_mismatch", str(err), field="parameters.adapter_id") from None
+    except AdapterNotFinite as err:
+        raise APIError(422, "adapter_unusable", str(err), field="parameters.adapter_id") from None
     except AdapterTooLarge as err:
         raise APIError(503, "adapter_too_large", f"{err}; raise RLORA_ADAPTER_CACHE_BYTES") from None
     except FileNotFoundError:
@@ -166,10 +171,17 @@ async def _submit(engine: Engine, inputs: str, params: GenerationParams, target:
         raise APIError(410, "adapter_files_missing", f"the files of adapter {target.adapter_id} are no longer on disk") from None
     except UnknownBaseModel as err:
         raise APIError(404, "not_found", str(err)) from None
-    except EngineOverloaded:
-        raise APIError(429, "too_many_requests", "Model is overloaded", headers={"Retry-After": "1"}) from None
+    except EngineOverloaded as err:
+        raise APIError(429, "too_many_requests", str(err), headers={"Retry-After": "1"}) from None
     except (EngineClosed, EngineUnavailable) as err:
         raise _engine_gone(err) from None
+
+
+def _failed_alone(err: RequestFailed) -> APIError:
+    """A request that failed on its own after it was queued (the others went on)."""
+    if isinstance(err, NonFiniteScores):
+        return APIError(422, "adapter_unusable", str(err), field="parameters.adapter_id")
+    return APIError(503, "generation_failed", str(err), headers={"Retry-After": "1"})
 
 
 def _engine_gone(err: EngineClosed | EngineUnavailable) -> APIError:
@@ -213,11 +225,13 @@ def _generate_headers(result: GenerationResult) -> dict[str, str]:
 async def _generate(request: Request, body: GenerateRequest, tenant_id: str, session: Session, *, as_list: bool) -> Response:
     engine = get_engine(request.app)  # first: a process that serves no generation says so at once
     params, target = await _prepare(body, tenant_id, session)
-    handle = await _submit(engine, body.inputs, params, target)
+    handle = await _submit(engine, body.inputs, params, target, tenant_id)
     try:
         result = await _result_unless_client_gone(request, handle)
     except (EngineClosed, EngineUnavailable) as err:
         raise _engine_gone(err) from None
+    except RequestFailed as err:
+        raise _failed_alone(err) from None
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     content = generate_response(result, details=params.details)
@@ -243,7 +257,7 @@ async def _events(handle: Handle, details: bool) -> AsyncIterator[bytes]:
             async for event in stream:
                 yield sse(stream_event(event, details=details))
                 finished = event.final
-    except (EngineClosed, EngineUnavailable) as err:
+    except (EngineClosed, EngineUnavailable, RequestFailed) as err:
         yield sse_error(str(err), "generation")
         return
     except Exception:  # noqa: BLE001 - the status is sent already: report it in the stream
@@ -257,7 +271,7 @@ async def _events(handle: Handle, details: bool) -> AsyncIterator[bytes]:
 async def _generate_stream(request: Request, body: GenerateRequest, tenant_id: str, session: Session) -> Response:
     engine = get_engine(request.app)  # first: a process that serves no generation says so at once
     params, target = await _prepare(body, tenant_id, session)
-    handle = await _submit(engine, body.inputs, params, target)
+    handle = await _submit(engine, body.inputs, params, target, tenant_id)
     return EventStreamResponse(handle, params.details)
 
 
