@@ -1,14 +1,16 @@
-"""The ``rlora`` command: serve, engine, worker, tenant create, migrate, train."""
+"""The ``rlora`` command: serve, engine, worker, tenant create, key, migrate, train."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
@@ -20,6 +22,20 @@ log = logging.getLogger("rlora")
 # evaluation batch); loading a model can take longer, and a killed worker's job waits for
 # the heartbeat timeout instead.
 WORKER_STOP_SECONDS = 60
+
+# Everything the command creates (database and its WAL, uploads, jobs, adapters, the broker's
+# messages) is its user's alone: tenants' data and hashed keys.
+PRIVATE_UMASK = 0o077
+
+_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _duration(text: str) -> timedelta:
+    """``90d``, ``12h``, ``30m`` or ``3600s``."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90d, 12h, 30m or 3600s")
+    return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,12 +70,32 @@ def main(argv: list[str] | None = None) -> int:
     create = tenant_commands.add_parser("create", help="a new tenant; prints its API key on the last line")
     create.add_argument("name")
 
+    key = commands.add_parser("key", help="manage a tenant's API keys")
+    key_commands = key.add_subparsers(dest="key_command", required=True)
+    expires_in = dict(type=_duration, metavar="DURATION", help="the key stops working after this (90d, 12h, 30m, 3600s); default never")
+    key_create = key_commands.add_parser("create", help="a new API key for a tenant; prints it on the last line")
+    key_create.add_argument("--name", help="what the key is for, shown in lists")
+    key_create.add_argument("--expires-in", **expires_in)
+    key_commands.add_parser("list", help="the tenant's keys: id, prefix, name, status, times; never the keys themselves")
+    key_revoke = key_commands.add_parser("revoke", help="refuse a key from the next request on")
+    key_revoke.add_argument("key_id")
+    key_rotate = key_commands.add_parser("rotate", help="a new key in place of KEY_ID; prints it on the last line")
+    key_rotate.add_argument("key_id")
+    key_rotate.add_argument(
+        "--grace", type=_duration, default=timedelta(0), metavar="DURATION",
+        help="the old key goes on working this long, for clients to change over (at most 30d); default: revoked at once",
+    )
+    key_rotate.add_argument("--expires-in", **expires_in)
+    for key_command in key_commands.choices.values():
+        key_command.add_argument("--tenant", required=True, help="the tenant's name or id")
+
     commands.add_parser("migrate", help="apply database migrations")
 
     train = commands.add_parser("train", help="train locally without the service")
     train.add_argument("config", help="YAML with the fields of POST /v1/jobs, local paths and output_dir")
 
     args = parser.parse_args(argv)
+    os.umask(PRIVATE_UMASK)  # before anything is created; the embedded worker inherits it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()
@@ -83,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         _migrate(settings)
         print(f"database at head: {_display_url(settings.database)}")
         return 0
+    if args.command == "key":
+        return _key(settings, args)
     return _create_tenant(settings, args.name)
 
 
@@ -168,6 +206,69 @@ def _create_tenant(settings: Settings, name: str) -> int:
     print(f"tenant {tenant.name} ({tenant.id}) created; its API key, shown only this once:")
     print(key)
     return 0
+
+
+def _key(settings: Settings, args: argparse.Namespace) -> int:
+    """``rlora key create|list|revoke|rotate --tenant T``: exit 0 when done, 1 for an unknown
+    tenant or key or a key that cannot be rotated, 2 for a bad argument."""
+    from service import keys
+    from service.db import Database
+    from service.models import utcnow
+
+    grace = getattr(args, "grace", timedelta(0))
+    if grace > keys.MAX_ROTATION_GRACE:
+        print(f"error: --grace is at most {keys.MAX_ROTATION_GRACE.days}d", file=sys.stderr)
+        return 2
+    expires_in = getattr(args, "expires_in", None)
+    expires_at = utcnow() + expires_in if expires_in else None
+    _migrate(settings)
+    db = Database(settings.database)
+    try:
+        with db.session() as session:
+            tenant = keys.find_tenant(session, args.tenant)
+            if args.key_command == "list":
+                _print_keys(keys.tenant_keys(session, tenant.id))
+                return 0
+            if args.key_command == "create":
+                row, secret = keys.create_key(session, tenant.id, args.name, expires_at)
+                print(f"key {row.id} ({row.prefix}...) created for tenant {tenant.name}; the key, shown only this once:")
+                print(secret)
+                return 0
+            key = keys.tenant_key(session, tenant.id, args.key_id)
+            if args.key_command == "revoke":
+                keys.revoke_key(session, key)
+                print(f"key {key.id} ({key.prefix}...) revoked at {_when(key.revoked_at)}")
+                return 0
+            row, secret = keys.rotate_key(session, key, grace, expires_at)
+            ends = "revoked" if key.revoked_at else f"works until {_when(key.expires_at)}"
+            print(f"key {key.id} rotated ({ends}); its successor {row.id} ({row.prefix}...), shown only this once:")
+            print(secret)
+            return 0
+    except (keys.UnknownTenant, keys.UnknownKey, keys.KeyNotActive) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else "-"
+
+
+def _print_keys(rows: list) -> None:
+    from service.keys import key_state
+    from service.models import utcnow
+
+    now = utcnow()
+    table = [("ID", "PREFIX", "NAME", "STATUS", "CREATED", "LAST USED", "EXPIRES", "REVOKED")]
+    for row in rows:
+        table.append((
+            row.id, row.prefix, row.name or "-", key_state(row.revoked_at, row.expires_at, now),
+            _when(row.created_at), _when(row.last_used_at), _when(row.expires_at), _when(row.revoked_at),
+        ))
+    widths = [max(len(str(line[column])) for line in table) for column in range(len(table[0]))]
+    for line in table:
+        print("  ".join(str(value).ljust(width) for value, width in zip(line, widths)).rstrip())
 
 
 def _worker(settings: Settings, queues: str | None) -> int:

@@ -64,7 +64,13 @@ class ApiKey(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     prefix: Mapped[str] = mapped_column(String(20), doc="the key's first characters, to recognise it")
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Past this time the key is refused (401); a rotation with a grace period sets it on the old key.
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    # Accurate to service.keys.LAST_USED_RESOLUTION: written at most that often per key, not per request.
+    last_used_at: Mapped[datetime | None]
 
 
 class File(Base):

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     engine_connect_timeout: float = Field(2.0, gt=0, description="longest wait to connect to an engine (then the next one)")
     engine_refresh_interval: float = Field(5.0, gt=0, description="seconds between asking engines which base models they hold")
 
+    # Operators: the admin routes (/v1/admin/...) are mounted only when this is set.
+    admin_token: str | None = Field(None, min_length=32, repr=False, description="bearer token of the admin routes")
+
     @model_validator(mode="after")
     def _heartbeat_fits(self) -> "Settings":
         if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
@@ -90,7 +93,7 @@ class Settings(BaseSettings):
             raise ValueError(f"engine URLs start with http:// or https://, got {', '.join(bad)}")
         return ",".join(urls) or None  # empty: unset
 
-    @field_validator("engine_token")
+    @field_validator("engine_token", "admin_token", mode="before")
     @classmethod
     def _empty_token_is_none(cls, value: str | None) -> str | None:
         return value or None
@@ -136,8 +139,10 @@ class Settings(BaseSettings):
         return self.home / "models"
 
     def prepare_dirs(self) -> None:
+        # Private to the service's user (tenants' data), whatever the process's umask.
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         for folder in (self.files_dir, self.jobs_dir, self.tmp_dir, self.cache_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, exist_ok=True)
 
 
 @lru_cache

@@ -84,3 +84,11 @@ def test_the_api_tier_forwards_generation_to_the_engine_ports():
     # The engines listen where the API hosts reach them, and only with the token.
     engine = _unit_settings("rlora-engine@.service")
     assert engine.engine_host == "0.0.0.0" and engine.engine_token == settings.engine_token is not None
+
+
+def test_every_unit_creates_private_files():
+    """UMask=0077: the database, uploads and adapters its processes create are their user's alone."""
+    units = list((DEPLOY / "systemd").glob("*.service"))
+    assert units
+    for unit in units:
+        assert re.search(r"^UMask=0077$", unit.read_text(), re.M), unit.name

@@ -57,6 +57,43 @@ def test_each_revision_downgrades_and_upgrades_again_keeping_the_rows(backend, t
             engine.dispose()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_0003_adds_the_key_life_cycle_and_its_downgrade_drops_the_keys_0002_could_not_refuse(backend, tmp_path):
+    from datetime import timedelta
+
+    from alembic import command
+    from sqlalchemy.orm import Session
+
+    from service.api.auth import create_tenant
+    from service.keys import create_key, revoke_key
+    from service.migrate import alembic_config
+    from service.models import utcnow
+
+    life_cycle = {"name", "expires_at", "revoked_at", "last_used_at"}
+    with database_url(backend, tmp_path) as url:
+        upgrade_database(url)
+        engine = make_engine(url)
+        try:
+            assert life_cycle <= key_columns(engine)
+            with Session(engine) as session:
+                tenant, _ = create_tenant(session, "life-cycle")
+                revoke_key(session, create_key(session, tenant.id, "revoked")[0])
+                create_key(session, tenant.id, "expiring", utcnow() + timedelta(days=1))
+            command.downgrade(alembic_config(url), "0002")
+            assert not life_cycle & key_columns(engine)
+            # 0002 would let the revoked and the expiring key in forever: they are gone.
+            assert row_counts(engine) == {"tenants": 1, "api_keys": 1}
+            upgrade_database(url)
+            assert life_cycle <= key_columns(engine)
+        finally:
+            engine.dispose()
+
+
+def key_columns(engine) -> set[str]:
+    with engine.connect() as connection:
+        return {column["name"] for column in inspect(connection).get_columns("api_keys")}
+
+
 def row_counts(engine) -> dict[str, int]:
     from sqlalchemy import text
 

@@ -9,18 +9,27 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.errors import install_error_handlers
 from service.api.inference import close_engine
-from service.api.routes import adapters, files, generate, health, jobs, models
+from service.api.routes import adapters, admin, files, generate, health, jobs, keys, models
 from service.api.schemas import error_responses
+from service.api.security_headers import SecurityHeadersMiddleware
 from service.api.staging import sweep_staging
 from service.db import Database
 from service.jobs.queue import create_celery
 from service.jobs.reconciler import start_reconciler
 from service.migrate import upgrade_database
 from service.settings import Settings, get_settings
+
+
+class ServiceAPI(FastAPI):
+    def build_middleware_stack(self) -> ASGIApp:
+        # Outside every other layer, Starlette's ServerErrorMiddleware included (it answers a
+        # 500 itself, past any middleware added with add_middleware): every answer is covered.
+        return SecurityHeadersMiddleware(super().build_middleware_stack())
 
 
 def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
@@ -48,7 +57,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         await close_engine(app)  # the inference engine, if a request made one
         app.state.db.dispose()
 
-    app = FastAPI(title="rlora", summary="Multi-tenant R-LoRA fine-tuning", version="0.1.0", lifespan=lifespan)
+    app = ServiceAPI(title="rlora", summary="Multi-tenant R-LoRA fine-tuning", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.db = Database(settings.database, pool_size=settings.api_threads, pool_timeout=settings.database_pool_timeout)
     app.state.celery = create_celery(settings)
@@ -64,10 +73,13 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         (jobs, (401, 404, 408, 409, 413, 415, 422, 429, 503)),
         (adapters, (401, 404, 410, 422, 503)),
         (models, (401, 503)),
+        (keys, (401, 404, 503)),
         (generate, (401, 404, 408, 410, 413, 415, 422, 429, 503)),
     ):
         # The error statuses each route may answer with, in the one shape (not FastAPI's).
         app.include_router(module.router, responses=error_responses(*statuses))
+    if settings.admin_token:
+        app.include_router(admin.router, responses=error_responses(401, 404, 408, 409, 413, 415, 422, 503))
     return app
 
 

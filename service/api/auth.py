@@ -1,7 +1,9 @@
-"""API keys: created per tenant, stored as sha256, checked from ``Authorization: Bearer``."""
+"""API keys checked from ``Authorization: Bearer`` (their life cycle: service.keys); the
+admin token of the admin routes; tenant-scoped reads."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -9,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel
-from sqlalchemy import Connection, Row, Select, Table, bindparam, select
+from sqlalchemy import Connection, Row, Select, Table, bindparam, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -18,8 +20,9 @@ from service.api.errors import APIError, not_found
 from service.api.paging import PageParams, page
 from service.api.schemas import Page
 from service.db import Database
-from service.ids import KEY_SHOWN_CHARS, could_exist, hash_api_key, new_api_key
-from service.models import ApiKey, Tenant
+from service.ids import could_exist, hash_api_key
+from service.keys import LAST_USED_RESOLUTION, KeyState, create_key, key_state
+from service.models import ApiKey, Tenant, utcnow
 
 
 T = TypeVar("T")
@@ -36,9 +39,7 @@ def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
     tenant = Tenant(name=name)
     session.add(tenant)
     session.flush()
-    key = new_api_key()
-    session.add(ApiKey(tenant_id=tenant.id, prefix=key[:KEY_SHOWN_CHARS], key_hash=hash_api_key(key)))
-    session.commit()
+    _, key = create_key(session, tenant.id, name="initial")
     return tenant, key
 
 
@@ -56,7 +57,15 @@ class AuthenticatedTenant:
 
 # Built once: per request only the key's hash is bound (an indexed lookup, no ORM objects).
 _TENANT_OF_KEY = (
-    select(Tenant.id, Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id).where(ApiKey.key_hash == bindparam("key_hash"))
+    select(Tenant.id, Tenant.name, ApiKey.id.label("key_id"), ApiKey.expires_at, ApiKey.revoked_at, ApiKey.last_used_at)
+    .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+    .where(ApiKey.key_hash == bindparam("key_hash"))
+)
+# Conditional, so that of the requests that found the mark stale at once, one writes it.
+_MARK_USED = (
+    update(ApiKey.__table__)
+    .where(ApiKey.id == bindparam("key_id"), or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < bindparam("stale_before")))
+    .values(last_used_at=bindparam("now"))
 )
 
 
@@ -64,10 +73,20 @@ def _tenant_of_key(connection: Connection, key_hash: str) -> AuthenticatedTenant
     row = connection.execute(_TENANT_OF_KEY, {"key_hash": key_hash}).first()
     if row is None:
         raise _unauthorized("invalid API key")
+    now = utcnow()
+    state = key_state(row.revoked_at, row.expires_at, now)
+    if state is not KeyState.ACTIVE:
+        raise _unauthorized(f"API key {row.key_id} is {state}")
+    stale_before = now - LAST_USED_RESOLUTION
+    if row.last_used_at is None or row.last_used_at < stale_before:
+        # A write at most once a LAST_USED_RESOLUTION per key, never one per request.
+        connection.execute(_MARK_USED, {"key_id": row.key_id, "stale_before": stale_before, "now": now})
+        connection.commit()
     return AuthenticatedTenant(id=row.id, name=row.name)
 
 
-def _key_hash(request: Request) -> str:
+def _bearer_hash(request: Request) -> str:
+    """The sha256 of the request's bearer token (a key, or the admin token)."""
     header = request.headers.get("authorization")
     if not header:
         raise _unauthorized("missing Authorization header; send 'Authorization: Bearer <key>'")
@@ -75,6 +94,13 @@ def _key_hash(request: Request) -> str:
     if scheme.lower() != "bearer" or not key.strip():
         raise _unauthorized("Authorization must be 'Bearer <key>'")
     return hash_api_key(key.strip())
+
+
+async def require_admin(request: Request) -> None:
+    """The admin routes' check: the bearer token is RLORA_ADMIN_TOKEN (the routes are not
+    mounted without one). Digests are compared, in constant time, whatever the lengths."""
+    if not secrets.compare_digest(_bearer_hash(request), hash_api_key(request.app.state.settings.admin_token)):
+        raise _unauthorized("not the admin token (RLORA_ADMIN_TOKEN)")
 
 
 def _checked_tenant(db: Database, key_hash: str) -> AuthenticatedTenant:
@@ -86,7 +112,7 @@ def _checked_tenant(db: Database, key_hash: str) -> AuthenticatedTenant:
 
 async def current_tenant(request: Request) -> AuthenticatedTenant:
     # Looked up on every request (one indexed query, no cache), so a revoked key stops at once.
-    return await run_in_threadpool(_checked_tenant, request.app.state.db, _key_hash(request))
+    return await run_in_threadpool(_checked_tenant, request.app.state.db, _bearer_hash(request))
 
 
 def _read_with_tenant(db: Database, key_hash: str, read: Callable[[Connection, AuthenticatedTenant], T]) -> T:
@@ -122,7 +148,7 @@ class TenantReader:
 
 async def tenant_reader(request: Request) -> TenantReader:
     # The header is checked here, first among the dependencies, as TenantDep checks it.
-    return TenantReader(request.app.state.db, _key_hash(request))
+    return TenantReader(request.app.state.db, _bearer_hash(request))
 
 
 TenantDep = Annotated[AuthenticatedTenant, Depends(current_tenant)]

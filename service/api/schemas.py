@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, computed_field, field_validator
 
 from service.jobs.requests import JobRequest
+from service.keys import LAST_USED_RESOLUTION, MAX_ROTATION_GRACE, KeyState, key_state
+from service.models import ApiKey, utcnow
 
 T = TypeVar("T")
 
@@ -101,6 +103,60 @@ class AdapterOut(BaseModel):
     routing: dict[str, Any] | None
     eval: dict[str, Any] | None
     created_at: datetime
+
+
+class KeyOut(BaseModel):
+    """An API key as listed: never the key itself, which is shown only when it is made."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["api_key"] = "api_key"
+    prefix: str = Field(description="the key's first characters, to recognise it")
+    name: str | None
+    created_at: datetime
+    last_used_at: datetime | None = Field(description=f"accurate to {LAST_USED_RESOLUTION.total_seconds():g} s")
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @computed_field
+    @property
+    def status(self) -> KeyState:
+        return key_state(self.revoked_at, self.expires_at, utcnow())
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the API key, shown only this once (it is stored hashed)")
+
+    @classmethod
+    def of(cls, row: ApiKey, key: str) -> "KeyCreated":
+        return cls(key=key, **KeyOut.model_validate(row).model_dump(exclude={"status"}))
+
+
+class _KeyExpiry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expires_at: AwareDatetime | None = Field(None, description="when the key stops working (ISO 8601 with a zone); default never")
+
+    @field_validator("expires_at")
+    @classmethod
+    def _in_the_future(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value <= utcnow():
+            raise ValueError("must be in the future")
+        return value
+
+
+class KeyCreate(_KeyExpiry):
+    name: str | None = Field(None, min_length=1, max_length=200)
+
+
+class KeyRotate(_KeyExpiry):
+    """The new key takes the old one's name; ``expires_at`` is the new key's."""
+
+    grace_seconds: int = Field(
+        0, ge=0, le=int(MAX_ROTATION_GRACE.total_seconds()),
+        description="how long the old key goes on working; 0 (the default): it is revoked at once",
+    )
 
 
 class ModelOut(BaseModel):

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def staging_file(settings: Settings, prefix: str, suffix: str = "") -> tuple[int, Path]:
     """A new, empty staging file: its open descriptor and its path."""
-    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    settings.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=settings.tmp_dir)
     return fd, Path(name)
 

@@ -67,7 +67,7 @@ def create_celery(settings: Settings) -> Celery:
         # Exchange-to-queue bindings; kombu's default is a folder in the working directory.
         control = settings.broker_dir / "control"
         for path in (folder, processed, control):
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         config.update(
             broker_url="filesystem://",
             broker_transport_options={

@@ -23,7 +23,7 @@ def blob_path(settings: Settings, sha256: str) -> Path:
 def store_blob(settings: Settings, staged: Path, sha256: str) -> Path:
     """Move a fully written, fsynced staged file to its content address."""
     target = blob_path(settings, sha256)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     # os.replace is atomic on one filesystem; when the content is already there it swaps
     # identical bytes, so concurrent uploads of one file are harmless.
     os.replace(staged, target)
