@@ -8,6 +8,7 @@ service's (``service/api/tgi.py``). The modules, in the order a request meets th
     handle        RequestHandle (threads and asyncio), RequestCancelled/EngineOverloaded/EngineClosed
     scheduler     BaseModelRunner: one base model's loop (admission, prefill chunks, decode steps)
     request       one running request: the loop's bookkeeping, its tokens, text, stops and result
+    queues        TenantQueues: waiting requests per tenant, bounded, taken round-robin under caps
     kv_cache      SlotKVCache: the KV cache allocated once, a slot per row
     slots         AdapterSlots: the running requests' adapters in fixed slots of per-layer tables
     multi_linear  MultiAdapterLinear: each row's adapter read from the slot tables (routing recorded there)
