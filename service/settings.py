@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(2048, ge=1, description="the most a request may ask for")
     max_batch_size: int = Field(64, ge=1, description="requests decoded together per base model (KV cache rows)")
     max_batch_adapters: int = Field(16, ge=1, description="distinct adapters decoded together per base model (slot table size)")
-    max_prefill_tokens: int = Field(8192, ge=1, description="prompt tokens in one prefill pass while nothing decodes")
+    max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens in one prefill pass while nothing decodes (its masks grow with it times the context)")
     prefill_chunk_tokens: int = Field(512, ge=1, description="prompt tokens per pass while requests decode: long prompts go in chunks")
     # One tenant among many, per base model: its share of the generation queue and of the batch.
     max_pending_generations_per_tenant: int = Field(256, ge=1, description="a tenant's waiting generation requests; more: 429")

@@ -52,7 +52,7 @@ class Limits:
     max_stop_chars: int = 256
     max_batch_size: int = 64  # rows decoded together per base model (KV cache slots)
     max_batch_adapters: int = 16  # distinct adapters in one base model's batch (slot table size)
-    max_prefill_tokens: int = 8192  # padded prompt tokens in one prefill forward while nothing decodes
+    max_prefill_tokens: int = 4096  # padded prompt tokens in one prefill forward while nothing decodes (as TGI)
     prefill_chunk_tokens: int = 512  # ... and while rows decode: long prompts go in chunks between steps
     max_queue: int = 1024  # waiting requests per base model before `EngineOverloaded`
     # One tenant (the name a caller gives `submit`) among many:
