@@ -108,6 +108,8 @@ class Job(Base):
     # attempt, so a worker presumed lost cannot overwrite its successor's work.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
+    # Attempts whose worker stopped beating (a stopped worker's give-back is not counted).
+    workers_lost: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     step: Mapped[int | None] = mapped_column(Integer)
     total_steps: Mapped[int | None] = mapped_column(Integer)

@@ -22,8 +22,20 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     max_json_bytes: int = Field(1024 * 1024, ge=1, description="any request body but a file upload (413 above)")
     max_record_chars: int = Field(100_000, ge=1)
+    max_record_messages: int = Field(256, ge=1, description="messages (turns) in one chat record")
     max_active_jobs_per_tenant: int = Field(100, ge=1, description="queued plus running jobs")
     page_size_max: int = Field(100, ge=1)
+
+    # Limits on the work one job may ask for (a 422 naming the field over one), sized so that
+    # a 2-core machine and a 24 GB GPU stay usable for every tenant; the base model's context
+    # bounds max_seq_len besides.
+    max_steps: int = Field(100_000, ge=1, description="optimiser steps of one job (max_steps, or what its epochs come to)")
+    max_tokens_per_step: int = Field(131_072, ge=1, description="batch_size x gradient_accumulation_steps x max_seq_len")
+    max_heads_x_rank: int = Field(256, ge=1, description="adapter heads x rank")
+    max_adapter_params_per_layer: int = Field(4_194_304, ge=1, description="adapter parameters (and frozen buffers) on one adapted layer")
+    max_eval_new_tokens: int = Field(256, ge=1, description="eval_max_new_tokens")
+    max_job_seconds: float = Field(86_400.0, gt=0, description="wall-clock of one attempt at a job; past it the job fails")
+    max_job_attempts: int = Field(3, ge=1, description="a job whose worker is lost this many times fails instead of being queued again")
 
     # Job routing: queue names are "<queue_prefix>.<device class>" (service.jobs.queue).
     queue_prefix: str = Field("rlora", pattern=r"^[A-Za-z0-9_.\-]+$")

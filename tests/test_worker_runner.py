@@ -43,11 +43,11 @@ def test_a_running_job_with_a_stale_heartbeat_is_queued_again_with_a_token(queue
         attempt = states.claim(session, job_id, "lost-worker")
     shutil.rmtree(queue_client.app.state.settings.broker_dir / "messages")  # the token was taken
     (queue_client.app.state.settings.broker_dir / "messages").mkdir()
-    assert reconcile_once(queue_client) == {"requeued": 0, "cancelled": 0, "sent": 0}, "heartbeat is fresh"
+    assert reconcile_once(queue_client) == {"requeued": 0, "cancelled": 0, "failed": 0, "sent": 0}, "heartbeat is fresh"
 
     timeout = queue_client.app.state.settings.heartbeat_timeout
     set_job(queue_client, job_id, heartbeat_at=utcnow() - timedelta(seconds=timeout + 1))
-    assert reconcile_once(queue_client) == {"requeued": 1, "cancelled": 0, "sent": 1}
+    assert reconcile_once(queue_client) == {"requeued": 1, "cancelled": 0, "failed": 0, "sent": 1}
     job = queue_client.get(f"/v1/jobs/{job_id}", headers=headers).json()
     assert job["status"] == "queued" and job["attempt"] == attempt
     assert kinds(queue_client, headers, job_id)[-1] == "requeued"

@@ -64,6 +64,9 @@ class _Run:
         self._last_progress = 0.0
         self._last_stop_check = 0.0
         self._stop = False
+        # Wall-clock of this attempt: one job cannot hold a worker for ever (lost attempts are
+        # capped too, so a job's whole time is bounded).
+        self._deadline = time.monotonic() + settings.max_job_seconds
         self._heartbeat_done = threading.Event()
 
     # --- the run -------------------------------------------------------------------------
@@ -81,9 +84,12 @@ class _Run:
                 models_dir=self.settings.models_dir,
                 cache_dir=self.settings.cache_dir,
             )
-        except TrainingCancelled:
+        except TrainingCancelled as stopped:
             if not self.owned:
                 return None
+            if self._past_deadline():
+                limit = f"{self.settings.max_job_seconds:g}"
+                return self._finish(Status.FAILED, error=("time_limit", f"the job ran past the limit of {limit} s ({stopped})"))
             return self._give_back() if self.shutting_down.is_set() else self._finish(Status.CANCELLED)
         except Exception as err:  # noqa: BLE001 - any training failure is the job's outcome
             if self.shutting_down.is_set():
@@ -126,8 +132,11 @@ class _Run:
         with self.db.session() as session:
             states.touch_running(session, self.job, self.attempt, (kind, _jsonable(data)))
 
+    def _past_deadline(self) -> bool:
+        return time.monotonic() > self._deadline
+
     def _should_stop(self) -> bool:
-        if self.shutting_down.is_set():
+        if self.shutting_down.is_set() or self._past_deadline():
             return True
         now = time.monotonic()
         if self._stop or now - self._last_stop_check < STOP_CHECK_INTERVAL:

@@ -11,6 +11,16 @@ METHODS = ("lora", "hydralora", "rlora")
 DEFAULT_TARGET_MODULES = ("gate_proj", "up_proj", "down_proj")  # paper, Appendix C
 ALL_LINEAR = "all-linear"
 INIT_SCALES = ("paper", "reference")
+# Safety bounds, not policy: past them an adapter is no longer a small update to the base
+# model but swamps it, and bfloat16 outputs overflow to inf/NaN (an alpha of 1e38 trained
+# "successfully" into NaN outputs). alpha: common values are 8..512 (alpha = 2 * rank at rank
+# 256); 1e4 is twenty times that. gamma divides the random heads' scale (paper: 64): under
+# 1e-2 a head starts ten times larger than at gamma 1, over 1e6 it starts a thousandth of
+# gamma 1's, no longer "random". init_scale: the paper's factor is 0.5..2 for d_out up to
+# 65536; 100 is fifty times the largest.
+MAX_ALPHA = 1e4
+GAMMA_RANGE = (1e-2, 1e6)
+MAX_INIT_SCALE = 100.0
 # The paper's methods and its two R-LoRA ablations (Table 5) as AdapterConfig settings.
 VARIANTS = {
     "lora": dict(method="lora"),
@@ -70,17 +80,19 @@ class AdapterConfig:
         _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.method == "lora" and self.heads != 1:
             raise AdapterConfigError("heads", f"lora has exactly one head and no router, got heads={self.heads}")
-        if not _is_number(self.alpha) or self.alpha <= 0:
-            raise AdapterConfigError("alpha", f"must be a number > 0, got {self.alpha!r}")
+        if not _is_number(self.alpha) or not 0 < self.alpha <= MAX_ALPHA:
+            raise AdapterConfigError("alpha", f"must be a number > 0 and <= {MAX_ALPHA:g}, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise AdapterConfigError("dropout", f"must be in [0, 1), got {self.dropout!r}")
-        if not _is_number(self.gamma) or self.gamma <= 0:
-            raise AdapterConfigError("gamma", f"must be a number > 0, got {self.gamma!r}")
+        low, high = GAMMA_RANGE
+        if not _is_number(self.gamma) or not low <= self.gamma <= high:
+            raise AdapterConfigError("gamma", f"must be a number in [{low:g}, {high:g}], got {self.gamma!r}")
+        scales = f"must be one of {', '.join(INIT_SCALES)} or a number > 0 and <= {MAX_INIT_SCALE:g}, got {self.init_scale!r}"
         if isinstance(self.init_scale, str):
             if self.init_scale not in INIT_SCALES:
-                raise AdapterConfigError("init_scale", f"must be one of {', '.join(INIT_SCALES)} or a number > 0, got {self.init_scale!r}")
-        elif not _is_number(self.init_scale) or self.init_scale <= 0:
-            raise AdapterConfigError("init_scale", f"must be one of {', '.join(INIT_SCALES)} or a number > 0, got {self.init_scale!r}")
+                raise AdapterConfigError("init_scale", scales)
+        elif not _is_number(self.init_scale) or not 0 < self.init_scale <= MAX_INIT_SCALE:
+            raise AdapterConfigError("init_scale", scales)
         if not isinstance(self.rank_stabilized, bool):
             raise AdapterConfigError("rank_stabilized", "must be true or false")
         targets = self.target_modules

@@ -5,7 +5,7 @@ or the database. Names are imported on first use: checking a file needs no torch
 from .._exports import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(["MixtureSampler", "MixtureSource", "split_validation", "steps_for_epochs"], ".mixture"),
+    **dict.fromkeys(["MixtureSampler", "MixtureSource", "epoch_steps", "held_out_count", "split_validation", "steps_for_epochs"], ".mixture"),
     **dict.fromkeys(
         ["DatasetSummary", "DatasetValidationError", "Example", "RecordError", "load_dataset", "lone_surrogate",
          "validate_dataset"],

@@ -36,11 +36,8 @@ def split_validation(examples: Sequence[Example], share: float, seed: int) -> tu
     At least one example is held out when ``share > 0`` and there are two or more, and at
     least one always stays for training.
     """
-    if not 0 <= share < 1:
-        raise ValueError(f"validation share must be in [0, 1), got {share}")
     count = len(examples)
-    held_out = 0 if share == 0 or count < 2 else min(count - 1, max(1, round(share * count)))
-    chosen = set(random.Random(f"{seed}:validation").sample(range(count), held_out))
+    chosen = set(random.Random(f"{seed}:validation").sample(range(count), held_out_count(count, share)))
     train = [example for index, example in enumerate(examples) if index not in chosen]
     validation = [example for index, example in enumerate(examples) if index in chosen]
     return train, validation
@@ -51,11 +48,22 @@ def steps_for_epochs(sources: Sequence[MixtureSource], epochs: float, batch_size
     ``ceil(epochs * total / batch_size)``, ``batch_size`` being the examples per optimizer step
     (batch times gradient accumulation). Sampling follows the weights, so a heavy source is
     seen more than ``epochs`` times and a light one less; the total is what ``epochs`` fixes."""
+    return epoch_steps(sum(len(source.examples) for source in sources), epochs, batch_size)
+
+
+def held_out_count(count: int, share: float) -> int:
+    """How many of ``count`` examples `split_validation` holds out for ``share``."""
+    if not 0 <= share < 1:
+        raise ValueError(f"validation share must be in [0, 1), got {share}")
+    return 0 if share == 0 or count < 2 else min(count - 1, max(1, round(share * count)))
+
+
+def epoch_steps(examples: int, epochs: float, batch_size: int) -> int:
+    """`steps_for_epochs` for a count of training examples, before any is read."""
     if epochs <= 0 or batch_size < 1:
         raise ValueError(f"need epochs > 0 and batch_size >= 1, got {epochs} and {batch_size}")
-    total = sum(len(source.examples) for source in sources)
     # Rounding first keeps 0.1 * 30 / 3 from becoming 2 steps after float error (1.0000000002).
-    return max(1, math.ceil(round(epochs * total / batch_size, 9)))
+    return max(1, math.ceil(round(epochs * examples / batch_size, 9)))
 
 
 class MixtureSampler:

@@ -108,6 +108,14 @@ class DatasetSummary:
     shapes: dict[str, int]
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """The most one record may hold: characters (of its JSON text), and messages (chat)."""
+
+    chars: int
+    messages: int | None
+
+
 class _Collector:
     """Keeps the first ``limit`` errors and counts all of them."""
 
@@ -126,6 +134,7 @@ def validate_dataset(
     data: bytes | str | os.PathLike,
     *,
     max_record_chars: int = 100_000,
+    max_record_messages: int | None = None,
     max_errors: int = 100,
 ) -> tuple[list[Example], DatasetSummary]:
     """Read and check a dataset; return its examples and a summary, or raise with every problem.
@@ -138,14 +147,15 @@ def validate_dataset(
     Raises ``DatasetValidationError`` listing up to ``max_errors`` problems (all of them are
     counted): bad JSON, a record that is not an object, an unknown or ambiguous shape, missing
     or mistyped fields, an empty answer, a bad chat role, a conversation not ending with the
-    assistant, non-UTF-8 bytes, a record longer than ``max_record_chars``, and an empty file.
+    assistant, non-UTF-8 bytes, a record longer than ``max_record_chars`` or a chat record
+    of more than ``max_record_messages`` messages (None: any number), and an empty file.
     """
     if isinstance(data, (bytes, bytearray)):
         stream: BinaryIO = io.BytesIO(bytes(data))
     else:
         stream = open(os.fspath(data), "rb")
     with stream:
-        return _validate_stream(stream, max_record_chars, _Collector(max_errors))
+        return _validate_stream(stream, _Limits(max_record_chars, max_record_messages), _Collector(max_errors))
 
 
 def load_dataset(path: str | os.PathLike) -> list[Example]:
@@ -154,16 +164,16 @@ def load_dataset(path: str | os.PathLike) -> list[Example]:
 
 
 def _validate_stream(
-    stream: BinaryIO, max_record_chars: int, errors: _Collector
+    stream: BinaryIO, limits: _Limits, errors: _Collector
 ) -> tuple[list[Example], DatasetSummary]:
     if stream.read(len(_BOM)) != _BOM:
         stream.seek(0)
     fmt = _detect_format(stream)
     records: list[tuple[Example, str]] = []
     if fmt == "json":
-        _read_array(stream, max_record_chars, errors, records)
+        _read_array(stream, limits, errors, records)
     elif fmt == "jsonl":
-        _read_lines(stream, max_record_chars, errors, records)
+        _read_lines(stream, limits, errors, records)
     if not records and not errors.total:
         errors.add(None, None, None, "empty file: no records")
     if errors.total:
@@ -192,7 +202,7 @@ def _detect_format(stream: BinaryIO) -> str | None:
 
 
 def _read_lines(
-    stream: BinaryIO, max_chars: int, errors: _Collector, records: list[tuple[Example, str]]
+    stream: BinaryIO, limits: _Limits, errors: _Collector, records: list[tuple[Example, str]]
 ) -> None:
     for number, raw in enumerate(stream, start=1):
         if not raw.strip(_JSON_WHITESPACE):
@@ -202,8 +212,8 @@ def _read_lines(
         except UnicodeDecodeError as err:
             errors.add(number, None, None, f"not valid UTF-8 (byte {err.start + 1} of the line)")
             continue
-        if len(text) > max_chars:
-            errors.add(number, None, None, _too_long(len(text), max_chars))
+        if len(text) > limits.chars:
+            errors.add(number, None, None, _too_long(len(text), limits.chars))
             continue
         try:
             value = json.loads(text)
@@ -213,11 +223,11 @@ def _read_lines(
         except (RecursionError, ValueError) as err:
             errors.add(number, None, None, _json_error(err))
             continue
-        _accept(value, number, None, errors, records)
+        _accept(value, number, None, limits, errors, records)
 
 
 def _read_array(
-    stream: BinaryIO, max_chars: int, errors: _Collector, records: list[tuple[Example, str]]
+    stream: BinaryIO, limits: _Limits, errors: _Collector, records: list[tuple[Example, str]]
 ) -> None:
     """Parse the array element by element, so each element's line is known and a syntax
     error names the element it is in."""
@@ -248,10 +258,10 @@ def _read_array(
             except (RecursionError, ValueError) as err:
                 errors.add(line, element, None, _json_error(err))
                 return
-            if end - position > max_chars:
-                errors.add(line, element, None, _too_long(end - position, max_chars))
+            if end - position > limits.chars:
+                errors.add(line, element, None, _too_long(end - position, limits.chars))
             else:
-                _accept(value, line, element, errors, records)
+                _accept(value, line, element, limits, errors, records)
             position = _skip_whitespace(text, end)
             if text.startswith(",", position):
                 position = _skip_whitespace(text, position + 1)
@@ -283,19 +293,20 @@ def _line_at(text: str, position: int) -> int:
 
 
 def _accept(
-    value: Any, line: int | None, element: int | None, errors: _Collector, records: list[tuple[Example, str]]
+    value: Any, line: int | None, element: int | None, limits: _Limits, errors: _Collector,
+    records: list[tuple[Example, str]],
 ) -> None:
     """Normalise one parsed record, or report its problems. Examples stop being kept once the
     file is known to be invalid: they would be thrown away."""
     problems: list[tuple[str | None, str]] = []
-    parsed = _normalize(value, problems)
+    parsed = _normalize(value, limits, problems)
     for field, message in problems:
         errors.add(line, element, field, message)
     if parsed is not None and not errors.total:
         records.append(parsed)
 
 
-def _normalize(record: Any, problems: list[tuple[str | None, str]]) -> tuple[Example, str] | None:
+def _normalize(record: Any, limits: _Limits, problems: list[tuple[str | None, str]]) -> tuple[Example, str] | None:
     """The record as an ``Example`` and its shape name, or None with ``problems`` filled in."""
     if not isinstance(record, dict):
         problems.append((None, f"record must be a JSON object, got {_json_type(record)}"))
@@ -317,7 +328,7 @@ def _normalize(record: Any, problems: list[tuple[str | None, str]]) -> tuple[Exa
     elif shape == "alpaca":
         example = _alpaca(record, task, problems)
     else:
-        example = _chat(record, task, problems)
+        example = _chat(record, task, limits.messages, problems)
     return None if example is None else (example, shape)
 
 
@@ -331,11 +342,14 @@ def _alpaca(record: dict, task: str | None, problems: list) -> Example | None:
     return Example(prompt=prompt, answer=answer, task=task)
 
 
-def _chat(record: dict, task: str | None, problems: list) -> Example | None:
+def _chat(record: dict, task: str | None, max_messages: int | None, problems: list) -> Example | None:
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         kind = "an empty array" if isinstance(messages, list) else _json_type(messages)
         problems.append(("messages", f"must be a non-empty array of messages, got {kind}"))
+        return None
+    if max_messages is not None and len(messages) > max_messages:
+        problems.append(("messages", f"has {len(messages)} messages, over the limit of {max_messages}"))
         return None
     normalized = []
     for index, message in enumerate(messages):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -19,7 +19,9 @@ IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy (and HF models) 
 # model's does not). The labelled tokens of an assistant turn are found by tokenizing the
 # conversation up to that turn (with the generation prompt) and through it, and taking the
 # common prefix with the whole conversation's tokens, which holds even when the tokenizer
-# merges across the boundary.
+# merges across the boundary. Each such turn costs a render and a tokenization of the
+# conversation so far, so turns are taken from the last one back and only while truncation
+# keeps them: a conversation of hundreds of turns costs a few of those, not one per turn.
 
 
 def encode_example(tokenizer: Any, example: Example, max_seq_len: int) -> dict[str, list[int]]:
@@ -36,12 +38,17 @@ def encode_example(tokenizer: Any, example: Example, max_seq_len: int) -> dict[s
     unprefixed = _token_ids(tokenizer, _render(tokenizer, messages, add_generation_prompt=False))
     input_ids = with_bos(tokenizer, unprefixed)
     offset = len(input_ids) - len(unprefixed)
+    head = _bos_count(tokenizer, input_ids)
     labels = [IGNORE_INDEX] * len(input_ids)
-    answer_start = len(input_ids)
-    for start, end in _assistant_spans(tokenizer, messages, unprefixed):
-        labels[offset + start : offset + end] = input_ids[offset + start : offset + end]
-        answer_start = offset + start
-    input_ids, labels = _truncate(input_ids, labels, answer_start, _bos_count(tokenizer, input_ids), max_seq_len)
+    spans = ((offset + start, offset + end) for start, end in _assistant_spans(tokenizer, messages, unprefixed))
+    answer_start, answer_end = next(spans, (len(input_ids), len(input_ids)))
+    labels[answer_start:answer_end] = input_ids[answer_start:answer_end]
+    first_kept = _first_kept(len(input_ids), answer_start, head, max_seq_len)
+    for start, end in spans:
+        if end <= first_kept:
+            break  # truncation drops this turn and every one before it
+        labels[start:end] = input_ids[start:end]
+    input_ids, labels = _truncate(input_ids, labels, answer_start, head, max_seq_len)
     if all(label == IGNORE_INDEX for label in labels):
         raise ValueError(f"example has no answer tokens within max_seq_len={max_seq_len}")
     return {"input_ids": input_ids, "labels": labels}
@@ -133,18 +140,17 @@ def _token_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict], full: list[int]) -> list[tuple[int, int]]:
-    """``[start, end)`` of each assistant turn within ``full`` (its content and end token)."""
-    spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+def _assistant_spans(tokenizer: Any, messages: list[dict], full: list[int]) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` of each assistant turn within ``full`` (its content and end token),
+    the last turn first; turns that add no token are left out."""
+    for index in reversed(range(len(messages))):
+        if messages[index]["role"] != "assistant":
             continue
         before = _token_ids(tokenizer, _render(tokenizer, messages[:index], add_generation_prompt=True))
         through = _token_ids(tokenizer, _render(tokenizer, messages[: index + 1], add_generation_prompt=False))
         start, end = _common_prefix(before, full), _common_prefix(through, full)
         if end > start:
-            spans.append((start, end))
-    return spans
+            yield start, end
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -161,10 +167,14 @@ def _truncate(
 ) -> tuple[list[int], list[int]]:
     """Fit ``max_len``: drop context tokens after the first ``head`` (bos) ones, oldest first,
     but not past ``answer_start``; then cut the end."""
-    overflow = len(ids) - max_len
-    if overflow <= 0:
+    if len(ids) <= max_len:
         return ids, labels
-    drop = min(overflow, max(answer_start - head, 0))
+    drop = _first_kept(len(ids), answer_start, head, max_len) - head
     ids = ids[:head] + ids[head + drop :]
     labels = labels[:head] + labels[head + drop :]
     return ids[:max_len], labels[:max_len]
+
+
+def _first_kept(length: int, answer_start: int, head: int, max_len: int) -> int:
+    """The first token after the ``head`` (bos) ones that `_truncate` keeps of ``length``."""
+    return head + min(max(length - max_len, 0), max(answer_start - head, 0))

@@ -115,7 +115,9 @@ def restore(path: Path, state: TrainState, run_id: str) -> None:
         raise different_run_error(path.parent.parent, "checkpoints")
     device = str(next(state.model.parameters()).device)
     load_adapter_state_dict(state.model, load_file(path / "adapter.safetensors", device=device))
-    rest = torch.load(path / "optimizer.pt", weights_only=False)
+    # weights_only: tensors and plain containers only, so a checkpoint written into a shared
+    # RLORA_HOME by someone else cannot run code here (pickle could).
+    rest = torch.load(path / "optimizer.pt", weights_only=True)
     state.optimizer.load_state_dict(rest["optimizer"])
     state.scheduler.load_state_dict(rest["scheduler"])
     torch.random.set_rng_state(rest["torch_rng"])

@@ -90,6 +90,19 @@ class TrainConfig(BaseModel):
             seen.add(entry.task)
         return value
 
+    @field_validator("mixture")
+    @classmethod
+    def _one_entry_per_file(cls, value: list[MixtureEntry]) -> list[MixtureEntry]:
+        # The same file twice is the same data at a higher weight, read, held and encoded once
+        # more each time (the entries' indexes name it, never its path: the service's paths
+        # are its own business).
+        first: dict[str, int] = {}
+        for index, entry in enumerate(value):
+            earlier = first.setdefault(os.path.realpath(entry.path), index)
+            if earlier != index:
+                raise ValueError(f"mixture[{index}] reads the same file as mixture[{earlier}]; give each file once and set its weight")
+        return value
+
     @property
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig.from_dict(self.adapter)

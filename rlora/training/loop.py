@@ -53,6 +53,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, TrainingSettings
 from .evaluate import eval_batches, evaluate, token_loss_sum
+from .limits import context_problem
 
 ProgressCallback = Callable[["Progress"], None]
 EventCallback = Callable[[str, dict], None]
@@ -105,6 +106,9 @@ def train(
     )
     base_path = resolve_base_model(config.base_model, models_dir, cache_dir)
     model, tokenizer = load_base_model(base_path, dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
+    too_long = context_problem(settings, model.config)
+    if too_long is not None:
+        raise ValueError(f"{too_long.field}: {too_long.message}")
     attach(model, config.adapter_config)
     model.to(device)
     if settings.gradient_checkpointing:
@@ -146,19 +150,21 @@ def train(
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"stopped at step {state.step} of {total_steps}{phase}")
 
-    # 5. The loop: one optimizer step per iteration, gradient accumulation inside.
+    # 5. The loop: one optimizer step per iteration, gradient accumulation inside. A stop is
+    # honoured between examples encoded and between micro-batches, not only between steps:
+    # a big step is minutes of work. The step it interrupts is redone from the checkpoint.
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     while state.step < total_steps:
-        check_stop()
         step_start = time.perf_counter()
         micro_batches = [
-            _next_batch(state, tokenizer, settings, collate) for _ in range(settings.gradient_accumulation_steps)
+            _next_batch(state, tokenizer, settings, collate, check_stop) for _ in range(settings.gradient_accumulation_steps)
         ]
         # Every answer token of the step weighs the same, whatever micro-batch it is in.
         label_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
         step_loss = 0.0
         for batch in micro_batches:
+            check_stop()
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -235,11 +241,15 @@ def load_mixture(config: TrainConfig) -> list[MixtureSource]:
     return sources
 
 
-def _next_batch(state: TrainState, tokenizer, settings: TrainingSettings, collate: Collator) -> dict[str, torch.Tensor]:
+def _next_batch(
+    state: TrainState, tokenizer, settings: TrainingSettings, collate: Collator, check_stop: Callable[[], None]
+) -> dict[str, torch.Tensor]:
     """``batch_size`` encoded examples; those with no answer token left after truncation are
-    skipped (and counted), but a mixture where nothing fits is an error, not a hang."""
+    skipped (and counted), but a mixture where nothing fits is an error, not a hang.
+    ``check_stop`` is called before each example is encoded."""
     features, attempts = [], 0
     while len(features) < settings.batch_size:
+        check_stop()
         _, example = next(state.sampler)
         attempts += 1
         try:

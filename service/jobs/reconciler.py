@@ -36,19 +36,20 @@ def _queues(settings: Settings) -> list[str]:
 
 
 def requeue_lost_jobs(settings: Settings, db: Database) -> dict[str, int]:
-    """Running jobs of dead workers back to the queue; how many were requeued or (asked to
-    cancel) ended cancelled. Their tokens come with the next top-up."""
-    counts = {"requeued": 0, "cancelled": 0}
+    """Running jobs of dead workers back to the queue; how many were requeued, (asked to
+    cancel) ended cancelled, or (their workers lost ``max_job_attempts`` times) failed. Their
+    tokens come with the next top-up."""
+    counts = {"requeued": 0, "cancelled": 0, "failed": 0}
     silent_since = utcnow() - timedelta(seconds=settings.heartbeat_timeout)
     with db.session() as session:
         for job in states.lost_jobs(session, _queues(settings), silent_since):
-            reason = f"no heartbeat from {job.worker} for {settings.heartbeat_timeout:g}s"
-            new = states.requeue(session, job, job.attempt, reason)
-            if new == Status.QUEUED:
-                log.warning("job %s: worker %s lost; queued again", job.id, job.worker)
-                counts["requeued"] += 1
-            elif new == Status.CANCELLED:
-                counts["cancelled"] += 1
+            # The reason is the tenant's to read (an event, an error): no host or process names.
+            reason = f"no heartbeat for {settings.heartbeat_timeout:g}s"
+            worker = job.worker
+            new = states.worker_lost(session, job, reason, settings.max_job_attempts)
+            if new is not None:
+                log.warning("job %s: worker %s lost; the job is %s", job.id, worker, new)
+                counts[{Status.QUEUED: "requeued", Status.CANCELLED: "cancelled", Status.FAILED: "failed"}[new]] += 1
     return counts
 
 

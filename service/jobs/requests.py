@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlora.adapter.config import AdapterConfig, AdapterConfigError
-from rlora.basemodels import list_base_models
+from rlora.basemodels import list_base_models, resolve_base_model
+from rlora.data.mixture import held_out_count
 from rlora.training.config import MixtureEntry, TrainConfig, TrainingSettings
+from rlora.training.limits import TrainingLimits, limit_problems
 from service.ids import could_exist
 from service.jobs.queue import queue_for
 from service.jobs.states import Status
@@ -113,6 +115,20 @@ def train_config(settings: Settings, job: Job, files: Mapping[str, File], output
     )
 
 
+def _limit_problems(settings: Settings, config: TrainConfig, job: Job, files: Mapping[str, File]) -> list[dict[str, Any]]:
+    """The settings of ``config`` (``job``'s) over the server's limits or the base model's context."""
+    base_model = resolve_base_model(config.base_model, settings.models_dir, settings.cache_dir)
+    train_examples = 0
+    for item in job.mixture:
+        records = files[item["file_id"]].records
+        held_out = 0 if item.get("validation_file_id") else held_out_count(records, config.training.validation_share)
+        train_examples += records - held_out
+    # The library's limits are the settings of the same names.
+    limits = TrainingLimits(**{field.name: getattr(settings, field.name) for field in fields(TrainingLimits)})
+    found = limit_problems(config.training, config.adapter_config, base_model, train_examples, limits)
+    return [{"field": problem.field, "message": problem.message} for problem in found]
+
+
 def check_job(session: Session, settings: Settings, tenant_id: str, request: JobRequest) -> CheckedJob:
     """The queued job of ``request``, normalised; else ``InvalidJobRequest`` with every problem."""
     problems: list[dict[str, Any]] = []
@@ -150,11 +166,13 @@ def check_job(session: Session, settings: Settings, tenant_id: str, request: Job
     if not problems:
         # The job's checkpoints and adapter have no folder before it has an id; none is written.
         try:
-            train_config(settings, job, files, settings.jobs_dir)
+            config = train_config(settings, job, files, settings.jobs_dir)
         except ValidationError as err:
             problems += validation_problems(err.errors())
         except JobInputError as err:  # a file deleted while this request was being checked
             problems.append({"field": "mixture", "message": str(err)})
+        else:
+            problems += _limit_problems(settings, config, job, files)
     if problems:
         raise InvalidJobRequest(problems)
     return CheckedJob(job=job, file_ids=sorted(wanted))

@@ -4,6 +4,7 @@ job only while its status (and the worker's attempt) is the one expected.
     queued -> running -> succeeded | failed | cancelled
     queued -> cancelled
     running -> queued            (the worker was lost or stopped; training resumes from its checkpoint)
+    running -> failed            (also: its worker was lost too many times)
 
 Every transition, heartbeat and progress write is one compare-and-set (``_set_if``),
 ``UPDATE ... WHERE status = :expected``: of two processes racing for the same job exactly one
@@ -119,7 +120,8 @@ def start(session: Session, job_id: str, worker: str) -> int | None:
     values = dict(status=Status.RUNNING, attempt=attempt, worker=worker, heartbeat_at=now, started_at=job.started_at or now)
     if not _set_if(session, job_id, Status.QUEUED, values, *_attempt_is(job.attempt)):
         return None
-    add_event(session, job, "started", {"attempt": attempt, "worker": worker})
+    # The worker's name (host and process) stays in the job row and the logs: events are the tenant's.
+    add_event(session, job, "started", {"attempt": attempt})
     return attempt
 
 
@@ -192,7 +194,7 @@ def lost_jobs(session: Session, queues: list[str], silent_since: datetime) -> li
     return list(session.scalars(select(Job).where(Job.status == Status.RUNNING, Job.queue.in_(queues), silent)))
 
 
-def requeue(session: Session, job: Job, attempt: int, reason: str) -> Status | None:
+def requeue(session: Session, job: Job, attempt: int, reason: str, **values: Any) -> Status | None:
     """A running job goes back to the queue, its next attempt to resume from the last
     checkpoint: its worker is gone or stopping. A job asked to cancel ends cancelled instead.
 
@@ -201,13 +203,30 @@ def requeue(session: Session, job: Job, attempt: int, reason: str) -> Status | N
     """
     if _move(
         session, job, Status.RUNNING, Status.QUEUED, "requeued", {"reason": reason},
-        attempt=attempt, enqueued_at=utcnow(), worker=None,
+        attempt=attempt, enqueued_at=utcnow(), worker=None, **values,
     ):
         return Status.QUEUED
     # Lost: the job changed meanwhile, or a cancel was asked for, which the move refuses (in
     # the same statement, so a cancel that lands between two checks cannot be requeued).
     moved = _move(session, job, Status.RUNNING, Status.CANCELLED, "finished", {"reason": reason}, attempt=attempt)
     return Status.CANCELLED if moved else None
+
+
+def worker_lost(session: Session, job: Job, reason: str, max_attempts: int) -> Status | None:
+    """The worker running ``job`` (as read, with its attempt) is gone: the job is queued again,
+    or fails once its workers were lost ``max_attempts`` times, since a job that kills its
+    worker (out of memory, say) would otherwise take worker after worker for ever. A job
+    asked to cancel ends cancelled. The new status, or None if the job changed meanwhile."""
+    lost = job.workers_lost + 1
+    if lost < max_attempts or job.cancel_requested:
+        return requeue(session, job, job.attempt, reason, workers_lost=lost)
+    message = f"the worker was lost {lost} times ({reason}); the job may be what stops it, as running out of memory would"
+    error = {"code": "worker_lost", "message": message}
+    failed = _move(
+        session, job, Status.RUNNING, Status.FAILED, "finished", {"error": error},
+        attempt=job.attempt, workers_lost=lost, error_code=error["code"], error_message=message,
+    )
+    return Status.FAILED if failed else None
 
 
 def add_event(session: Session, job: Job, kind: str, data: dict[str, Any]) -> None:

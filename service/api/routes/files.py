@@ -29,7 +29,9 @@ def get_file(session: Session, tenant_id: str, file_id: str) -> File:
 @closing_sessions  # in this thread: the request must not hold the connection on its way out
 def _validate_and_store(*, session: Session, settings: Settings, tenant_id: str, upload: Upload) -> File:
     try:
-        _, summary = validate_dataset(upload.path, max_record_chars=settings.max_record_chars)
+        _, summary = validate_dataset(
+            upload.path, max_record_chars=settings.max_record_chars, max_record_messages=settings.max_record_messages
+        )
     except DatasetValidationError as err:
         details = [{"line": e.line, "element": e.element, "field": e.field, "message": e.message} for e in err.errors]
         plural = "" if err.total == 1 else "s"

@@ -1,0 +1,142 @@
+"""Bounds on the work one training run asks for.
+
+The base model's context always bounds ``max_seq_len``: positions past it were never trained
+(or do not exist). The other bounds are policy: `TrainingLimits` holds what the caller allows
+(the service passes its settings; ``rlora train`` passes none), and `limit_problems` lists
+every setting over them with its field path, so that a job is refused before it is queued.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..adapter.config import AdapterConfig
+from .config import TrainingSettings
+
+
+@dataclass(frozen=True)
+class TrainingLimits:
+    """The most one run may ask for; None: no limit."""
+
+    max_steps: int | None = None
+    max_tokens_per_step: int | None = None  # batch_size x gradient_accumulation_steps x max_seq_len
+    max_heads_x_rank: int | None = None
+    max_adapter_params_per_layer: int | None = None
+    max_eval_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class LimitProblem:
+    field: str
+    message: str
+
+
+def limit_problems(
+    training: TrainingSettings,
+    adapter: AdapterConfig,
+    base_model: str | os.PathLike,
+    train_examples: int,
+    limits: TrainingLimits,
+) -> list[LimitProblem]:
+    """Every setting of a run on the base model folder ``base_model`` that is over its
+    context or over ``limits``. ``train_examples`` (the mixture's training examples) gives
+    the steps of a run measured in epochs."""
+    model = _meta_model(os.fspath(base_model))
+    problems = [problem for problem in (context_problem(training, model.config),) if problem]
+    problems += _work_problems(training, train_examples, limits)
+    problems += _adapter_problems(adapter, model, limits)
+    return problems
+
+
+def context_problem(training: TrainingSettings, model_config) -> LimitProblem | None:
+    """``max_seq_len`` over the model's context (its ``max_position_embeddings``), or None."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is None or training.max_seq_len <= context:
+        return None
+    return LimitProblem("training.max_seq_len", f"{training.max_seq_len} is over the base model's context of {context} tokens")
+
+
+def adapter_parameters(adapter: AdapterConfig, d_in: int, d_out: int) -> int:
+    """Parameters and frozen buffers an adapter adds to one (d_out, d_in) linear layer (the
+    tensors of docs/design.md's adapter folder)."""
+    count = adapter.rank * d_in + adapter.heads * d_out * adapter.rank  # A, the heads B_i
+    if adapter.has_router:
+        count += adapter.heads * d_in
+    if adapter.uses_random_init:
+        count += adapter.rank * (d_in + d_out)  # the frozen correction A0, B0
+    return count
+
+
+def _work_problems(training: TrainingSettings, train_examples: int, limits: TrainingLimits) -> list[LimitProblem]:
+    from ..data import epoch_steps
+
+    problems = []
+    per_step = training.batch_size * training.gradient_accumulation_steps
+    if limits.max_steps is not None:
+        if training.max_steps is not None and training.max_steps > limits.max_steps:
+            problems.append(LimitProblem("training.max_steps", f"{training.max_steps} is over the limit of {limits.max_steps} steps"))
+        elif training.max_steps is None:
+            steps = epoch_steps(train_examples, training.epochs, per_step)
+            if steps > limits.max_steps:
+                problems.append(LimitProblem(
+                    "training.epochs",
+                    f"{training.epochs:g} epochs of {train_examples} examples, {per_step} a step, are {steps} steps, "
+                    f"over the limit of {limits.max_steps} steps",
+                ))
+    tokens = per_step * training.max_seq_len
+    if limits.max_tokens_per_step is not None and tokens > limits.max_tokens_per_step:
+        problems.append(LimitProblem(
+            "training.batch_size",
+            f"batch_size x gradient_accumulation_steps x max_seq_len is {training.batch_size} x "
+            f"{training.gradient_accumulation_steps} x {training.max_seq_len} = {tokens} tokens a step, "
+            f"over the limit of {limits.max_tokens_per_step}",
+        ))
+    if limits.max_eval_new_tokens is not None and training.eval_max_new_tokens > limits.max_eval_new_tokens:
+        problems.append(LimitProblem(
+            "training.eval_max_new_tokens", f"{training.eval_max_new_tokens} is over the limit of {limits.max_eval_new_tokens}"
+        ))
+    return problems
+
+
+def _adapter_problems(adapter: AdapterConfig, model, limits: TrainingLimits) -> list[LimitProblem]:
+    from ..adapter.inject import target_linears
+
+    problems = []
+    product = adapter.heads * adapter.rank
+    if limits.max_heads_x_rank is not None and product > limits.max_heads_x_rank:
+        problems.append(LimitProblem(
+            "adapter.heads", f"heads x rank is {adapter.heads} x {adapter.rank} = {product}, over the limit of {limits.max_heads_x_rank}"
+        ))
+    try:
+        targets = target_linears(model, adapter)
+    except ValueError as err:
+        return [*problems, LimitProblem("adapter.target_modules", str(err))]
+    if limits.max_adapter_params_per_layer is not None and targets:
+        sizes = {path: adapter_parameters(adapter, *_shape(model, path)) for path in targets}
+        largest = max(sizes, key=sizes.get)
+        if sizes[largest] > limits.max_adapter_params_per_layer:
+            problems.append(LimitProblem(
+                "adapter.rank",
+                f"layer {largest} would get {sizes[largest]} adapter parameters, "
+                f"over the limit of {limits.max_adapter_params_per_layer} a layer",
+            ))
+    return problems
+
+
+def _shape(model, path: str) -> tuple[int, int]:
+    linear = model.get_submodule(path)
+    return linear.in_features, linear.out_features
+
+
+@lru_cache(maxsize=8)
+def _meta_model(path: str):
+    """The model of the folder ``path`` with its shapes and no weights (on the meta device),
+    so that a big base model is checked in milliseconds and no memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
