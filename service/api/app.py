@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         (jobs, (401, 404, 408, 409, 413, 415, 422, 429, 503)),
         (adapters, (401, 404, 410, 422, 503)),
         (models, (401, 503)),
-        (keys, (401, 404, 503)),
+        (keys, (401, 404, 422, 503)),
         (generate, (401, 404, 408, 410, 413, 415, 422, 429, 503)),
     ):
         # The error statuses each route may answer with, in the one shape (not FastAPI's).
