@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(100, ge=1, description="queued plus running jobs")
     page_size_max: int = Field(100, ge=1)
 
+    # Per-tenant quotas on what a tenant keeps (service.jobs.quotas); 403 quota_exceeded past one.
+    quota_stored_bytes: int = Field(10 * 1024**3, ge=1, description="dataset files plus adapter folders, in bytes")
+    quota_files: int = Field(1000, ge=1, description="dataset files")
+    quota_adapters: int = Field(200, ge=1, description="adapters, counting those its queued and running jobs will make")
+    quota_jobs: int = Field(10_000, ge=1, description="jobs in any status")
+
     # Job routing: queue names are "<queue_prefix>.<device class>" (service.jobs.queue).
     queue_prefix: str = Field("rlora", pattern=r"^[A-Za-z0-9_.\-]+$")
     auto_device_class: Literal["cpu", "gpu"] = Field("cpu", description="queue for device 'auto' jobs")
