@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     max_eval_new_tokens: int = Field(256, ge=1, description="eval_max_new_tokens")
     max_job_seconds: float = Field(86_400.0, gt=0, description="wall-clock of one attempt at a job; past it the job fails")
     max_job_attempts: int = Field(3, ge=1, description="a job whose worker is lost this many times fails instead of being queued again")
+    # Per-tenant quotas on what a tenant keeps (service.jobs.quotas); 403 quota_exceeded past one.
+    quota_stored_bytes: int = Field(10 * 1024**3, ge=1, description="dataset files plus adapter folders, in bytes")
+    quota_files: int = Field(1000, ge=1, description="dataset files")
+    quota_adapters: int = Field(200, ge=1, description="adapters, counting those its queued and running jobs will make")
+    quota_jobs: int = Field(10_000, ge=1, description="jobs in any status")
 
     # Job routing: queue names are "<queue_prefix>.<device class>" (service.jobs.queue).
     queue_prefix: str = Field("rlora", pattern=r"^[A-Za-z0-9_.\-]+$")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import tracemalloc
 from collections import Counter
 
 import pytest
@@ -17,6 +18,7 @@ from rlora.data import (
     MixtureSampler,
     MixtureSource,
     RecordError,
+    check_dataset,
     encode_example,
     load_dataset,
     prompt_ids,
@@ -160,6 +162,44 @@ def test_error_cap_keeps_the_total_and_the_message_is_readable():
     assert str(err).count("line ") == 20
     copy = pickle.loads(pickle.dumps(err))
     assert copy.errors == err.errors and copy.total == 30
+
+
+def test_array_read_in_small_chunks_keeps_lines_columns_and_long_elements(monkeypatch):
+    import rlora.data.records as records
+
+    monkeypatch.setattr(records, "_PEEK_BYTES", 3)  # every element and escape crosses a chunk's end
+    long = {"prompt": "\u00e9" * 80, "completion": "x"}
+    data = json.dumps([PROMPT_COMPLETION, long, {"prompt": "a"}, ALPACA]).encode()
+    errors = errors_of(data, max_record_chars=90)
+    assert [(e.line, e.element, e.field) for e in errors] == [(1, 1, None), (1, 2, "completion")]
+    assert errors[0].message == f"record is {len(json.dumps(long))} characters, over the limit of 90"
+    (error,) = errors_of(b'[\n {"prompt": "a",\n  "completion" "b"}]')
+    assert (error.line, error.element, error.message) == (3, 0, "invalid JSON: Expecting ':' delimiter (column 16)")
+
+
+def test_checking_keeps_no_records_and_a_long_line_is_never_held(tmp_path):
+    record = json.dumps(PROMPT_COMPLETION)
+    path = tmp_path / "big.json"
+    path.write_text("[" + ",".join([record] * 100_000) + "]")
+    tracemalloc.start()
+    try:
+        summary = check_dataset(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert summary.records == 100_000 and summary.tasks == {"math": 100_000}
+    assert peak < 2 * 1024 * 1024  # the file is 4.5 MB; its records parsed would be far more
+
+    line = json.dumps({"prompt": "x" * 5_000_000, "completion": "y"})
+    path.write_text(f"{record}\n{line}\n{record}\n")
+    tracemalloc.start()
+    try:
+        (error,) = errors_of(path, max_record_chars=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (error.line, error.message) == (2, f"record is {len(line)} characters, over the limit of 1000")
+    assert peak < 1024 * 1024
 
 
 # --------------------------------------------------------------------------- mixture

@@ -7,7 +7,7 @@ from .._exports import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(["MixtureSampler", "MixtureSource", "epoch_steps", "held_out_count", "split_validation", "steps_for_epochs"], ".mixture"),
     **dict.fromkeys(
-        ["DatasetSummary", "DatasetValidationError", "Example", "RecordError", "load_dataset", "lone_surrogate",
+        ["DatasetSummary", "DatasetValidationError", "Example", "RecordError", "check_dataset", "load_dataset", "lone_surrogate",
          "validate_dataset"],
         ".records",
     ),

@@ -9,10 +9,12 @@ at the first, because the service shows the list to the user who uploaded the fi
 
 from __future__ import annotations
 
+import codecs
 import io
 import itertools
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -25,6 +27,12 @@ _SHOWN_ERRORS = 20
 _JSON_WHITESPACE = b" \t\r\n"
 _BOM = b"\xef\xbb\xbf"
 _PEEK_BYTES = 1 << 16
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))  # UTF-8 bytes that go on a character
+_LONGEST_ESCAPE = len("\\u0000")
+_WHITESPACE = re.compile(r"[ \t\r\n]*")
+_SEPARATOR = re.compile(r"[ \t\r\n]*([,\]])[ \t\r\n]*")
+_STRING_END_OR_ESCAPE = re.compile(r'["\\]')
+_QUOTE_OR_BRACKET = re.compile(r'["\[\]{}]')
 # Fields that identify a record's shape; a record must use exactly one shape.
 _SHAPE_MARKERS = {
     "prompt_completion": ("prompt", "completion"),
@@ -108,14 +116,6 @@ class DatasetSummary:
     shapes: dict[str, int]
 
 
-@dataclass(frozen=True)
-class _Limits:
-    """The most one record may hold: characters (of its JSON text), and messages (chat)."""
-
-    chars: int
-    messages: int | None
-
-
 class _Collector:
     """Keeps the first ``limit`` errors and counts all of them."""
 
@@ -140,9 +140,9 @@ def validate_dataset(
     """Read and check a dataset; return its examples and a summary, or raise with every problem.
 
     ``data`` is the file's content as ``bytes``, or a path (``str`` or ``os.PathLike``; a
-    ``str`` is always a path, never content). JSONL is read line by line, so a large file is
-    never held whole; a JSON array (the first non-whitespace byte is ``[``) has to be read
-    whole. A UTF-8 byte-order mark is tolerated.
+    ``str`` is always a path, never content). JSONL is read line by line and a JSON array (the
+    first non-whitespace byte is ``[``) element by element, so no more than the largest record
+    is held at once besides the examples returned. A UTF-8 byte-order mark is tolerated.
 
     Raises ``DatasetValidationError`` listing up to ``max_errors`` problems (all of them are
     counted): bad JSON, a record that is not an object, an unknown or ambiguous shape, missing
@@ -150,12 +150,17 @@ def validate_dataset(
     assistant, non-UTF-8 bytes, a record longer than ``max_record_chars`` or a chat record
     of more than ``max_record_messages`` messages (None: any number), and an empty file.
     """
-    if isinstance(data, (bytes, bytearray)):
-        stream: BinaryIO = io.BytesIO(bytes(data))
-    else:
-        stream = open(os.fspath(data), "rb")
-    with stream:
-        return _validate_stream(stream, _Limits(max_record_chars, max_record_messages), _Collector(max_errors))
+    records = _read_dataset(data, max_record_chars, max_record_messages, max_errors, keep_examples=True)
+    return records.examples, records.summary
+
+
+def check_dataset(
+    data: bytes | str | os.PathLike, *, max_record_chars: int = 100_000, max_record_messages: int | None = None,
+    max_errors: int = 100,
+) -> DatasetSummary:
+    """``validate_dataset`` keeping no examples: memory follows the largest record, not the
+    file (the service checks uploads with it)."""
+    return _read_dataset(data, max_record_chars, max_record_messages, max_errors, keep_examples=False).summary
 
 
 def load_dataset(path: str | os.PathLike) -> list[Example]:
@@ -163,28 +168,51 @@ def load_dataset(path: str | os.PathLike) -> list[Example]:
     return validate_dataset(path)[0]
 
 
-def _validate_stream(
-    stream: BinaryIO, limits: _Limits, errors: _Collector
-) -> tuple[list[Example], DatasetSummary]:
+class _Records:
+    """The valid records of a file: counted by task and shape, their examples kept if asked."""
+
+    def __init__(self, keep_examples: bool, max_messages: int | None):
+        self.keep_examples = keep_examples
+        self.max_messages = max_messages  # the most messages a chat record may hold (None: any)
+        self.examples: list[Example] = []
+        self.count = 0
+        self.tasks: Counter[str] = Counter()
+        self.shapes: Counter[str] = Counter()
+        self.summary: DatasetSummary | None = None
+
+    def add(self, example: Example, shape: str) -> None:
+        self.count += 1
+        self.tasks[example.task or DEFAULT_TASK] += 1
+        self.shapes[shape] += 1
+        if self.keep_examples:
+            self.examples.append(example)
+
+
+def _read_dataset(
+    data: bytes | str | os.PathLike, max_record_chars: int, max_record_messages: int | None, max_errors: int, keep_examples: bool
+) -> _Records:
+    if isinstance(data, (bytes, bytearray)):
+        stream: BinaryIO = io.BytesIO(bytes(data))
+    else:
+        stream = open(os.fspath(data), "rb")
+    with stream:
+        return _validate_stream(stream, max_record_chars, _Collector(max_errors), _Records(keep_examples, max_record_messages))
+
+
+def _validate_stream(stream: BinaryIO, max_record_chars: int, errors: _Collector, records: _Records) -> _Records:
     if stream.read(len(_BOM)) != _BOM:
         stream.seek(0)
     fmt = _detect_format(stream)
-    records: list[tuple[Example, str]] = []
     if fmt == "json":
-        _read_array(stream, limits, errors, records)
+        _read_array(stream, max_record_chars, errors, records)
     elif fmt == "jsonl":
-        _read_lines(stream, limits, errors, records)
-    if not records and not errors.total:
+        _read_lines(stream, max_record_chars, errors, records)
+    if not records.count and not errors.total:
         errors.add(None, None, None, "empty file: no records")
     if errors.total:
         raise DatasetValidationError(errors.errors, errors.total)
-    summary = DatasetSummary(
-        format=fmt,
-        records=len(records),
-        tasks=dict(Counter(example.task or DEFAULT_TASK for example, _ in records)),
-        shapes=dict(Counter(shape for _, shape in records)),
-    )
-    return [example for example, _ in records], summary
+    records.summary = DatasetSummary(format=fmt, records=records.count, tasks=dict(records.tasks), shapes=dict(records.shapes))
+    return records
 
 
 def _detect_format(stream: BinaryIO) -> str | None:
@@ -201,10 +229,27 @@ def _detect_format(stream: BinaryIO) -> str | None:
         stream.seek(start)
 
 
-def _read_lines(
-    stream: BinaryIO, limits: _Limits, errors: _Collector, records: list[tuple[Example, str]]
-) -> None:
-    for number, raw in enumerate(stream, start=1):
+def _chars(data: bytes) -> int:
+    """How many characters UTF-8 ``data`` holds: its bytes that start one."""
+    return len(data.translate(None, _CONTINUATION_BYTES))
+
+
+def _read_lines(stream: BinaryIO, max_chars: int, errors: _Collector, records: _Records) -> None:
+    # A line is read whole only up to the most bytes max_chars characters (4 bytes each at
+    # most) and "\r\n" can take; a longer one is over the limit, counted and passed over in
+    # pieces, never held.
+    read_limit = 4 * max_chars + 3
+    for number in itertools.count(1):
+        raw = stream.readline(read_limit)
+        if not raw:
+            return
+        if len(raw) == read_limit and not raw.endswith(b"\n"):
+            chars, tail = _chars(raw), raw[-2:]
+            while not raw.endswith(b"\n") and (raw := stream.readline(_PEEK_BYTES)):
+                chars, tail = chars + _chars(raw), (tail + raw)[-2:]
+            chars -= len(tail) - len(tail.rstrip(b"\r\n"))  # the line's end is no character of the record
+            errors.add(number, None, None, _too_long(chars, max_chars))
+            continue
         if not raw.strip(_JSON_WHITESPACE):
             continue
         try:
@@ -212,8 +257,8 @@ def _read_lines(
         except UnicodeDecodeError as err:
             errors.add(number, None, None, f"not valid UTF-8 (byte {err.start + 1} of the line)")
             continue
-        if len(text) > limits.chars:
-            errors.add(number, None, None, _too_long(len(text), limits.chars))
+        if len(text) > max_chars:
+            errors.add(number, None, None, _too_long(len(text), max_chars))
             continue
         try:
             value = json.loads(text)
@@ -223,90 +268,224 @@ def _read_lines(
         except (RecursionError, ValueError) as err:
             errors.add(number, None, None, _json_error(err))
             continue
-        _accept(value, number, None, limits, errors, records)
+        _accept(value, number, None, errors, records)
 
 
-def _read_array(
-    stream: BinaryIO, limits: _Limits, errors: _Collector, records: list[tuple[Example, str]]
-) -> None:
-    """Parse the array element by element, so each element's line is known and a syntax
-    error names the element it is in."""
-    raw = stream.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        for number, line in enumerate(raw.split(b"\n"), start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                errors.add(number, None, None, f"not valid UTF-8 (byte {err.start + 1} of the line)")
+def _report_non_utf8_lines(stream: BinaryIO, errors: _Collector) -> bool:
+    """Report each line that is not UTF-8 (and the byte where it fails), reading in chunks;
+    whether there was one. Leaves the stream where it was."""
+    start = stream.tell()
+    found = bad_line = False
+    line, line_bytes, carry = 1, 0, b""
+    while chunk := stream.read(_PEEK_BYTES):
+        pieces = chunk.split(b"\n")
+        for index, piece in enumerate(pieces):
+            ends_line = index < len(pieces) - 1
+            data, carry = carry + piece, b""
+            if not bad_line:
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    if not ends_line and err.end == len(data) and err.reason == "unexpected end of data":
+                        carry = data[err.start:]  # a character cut by the chunk's end: whole in the next
+                    else:
+                        errors.add(line, None, None, f"not valid UTF-8 (byte {line_bytes + err.start + 1} of the line)")
+                        found = bad_line = True
+            line_bytes += len(data) - len(carry)
+            if ends_line:
+                line, line_bytes, bad_line = line + 1, 0, False
+    if carry and not bad_line:
+        errors.add(line, None, None, f"not valid UTF-8 (byte {line_bytes + 1} of the line)")
+        found = True
+    stream.seek(start)
+    return found
+
+
+class _TextWindow:
+    """A stream's text read in chunks, held from the current position ``pos`` on (what lies
+    before it is dropped at the next read): memory follows what a caller asks to see at once,
+    not the file. Knows the line of ``pos`` and the line and column of any position held."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text = ""
+        self.pos = 0
+        self.line = 1  # of text[pos]
+        self._first_column = 0  # characters on text[0]'s line before it
+        self.eof = False
+
+    def fill(self, chars: int) -> None:
+        """At least ``chars`` characters from ``pos`` on in ``text``, or all the stream has left."""
+        while len(self.text) - self.pos < chars and not self.eof:
+            data = self._stream.read(_PEEK_BYTES)
+            self.eof = not data
+            last_newline = self.text.rfind("\n", 0, self.pos)
+            self._first_column = self.pos - last_newline - 1 if last_newline >= 0 else self._first_column + self.pos
+            self.text = self.text[self.pos:] + self._decoder.decode(data, final=self.eof)
+            self.pos = 0
+
+    def advance(self, position: int) -> None:
+        self.line += self.text.count("\n", self.pos, position)
+        self.pos = position
+
+    def line_and_column(self, position: int) -> tuple[int, int]:
+        last_newline = self.text.rfind("\n", 0, position)
+        column = position - last_newline if last_newline >= 0 else self._first_column + position + 1
+        return self.line + self.text.count("\n", self.pos, position), column
+
+    def skip_whitespace(self) -> None:
+        while True:
+            self.advance(_WHITESPACE.match(self.text, self.pos).end())
+            if self.pos < len(self.text) or self.eof:
+                return
+            self.fill(1)
+
+    def next_char(self) -> str:
+        """The character at ``pos`` ("" at the end of the stream)."""
+        self.fill(1)
+        return self.text[self.pos:self.pos + 1]
+
+    def skip_value(self) -> int | None:
+        """Move past the string, object or array at ``pos`` without parsing it, however long;
+        its length in characters, or None when the stream ends inside it."""
+        length, depth, in_string = 0, 0, False
+        position = self.pos
+        while True:
+            position, depth, in_string, done = _scan_value(self.text, position, len(self.text), depth, in_string)
+            length += position - self.pos
+            self.advance(position)
+            if done:
+                return length
+            self.fill(2)  # two: an escape cut by the end of the text is scanned whole
+            if len(self.text) - self.pos < 2 and self.eof:
+                return None
+            position = self.pos
+
+
+def _scan_value(text: str, position: int, stop: int, depth: int, in_string: bool) -> tuple[int, int, bool, bool]:
+    """Scan a JSON string, object or array from ``position`` towards ``stop`` by its quotes,
+    escapes and brackets; where it stopped, the state to go on from, and whether the value
+    ended there (it is then just past it). Only where the value ends; not whether it is valid."""
+    while position < stop:
+        if in_string:
+            found = _STRING_END_OR_ESCAPE.search(text, position, stop)
+            if found is None:
+                return stop, depth, in_string, False
+            position = found.start()
+            if text[position] == "\\":
+                if position + 1 >= stop:
+                    return position, depth, in_string, False
+                position += 2
+                continue
+            in_string, position = False, position + 1
+            if depth == 0:
+                return position, depth, in_string, True
+        else:
+            found = _QUOTE_OR_BRACKET.search(text, position, stop)
+            if found is None:
+                return stop, depth, in_string, False
+            char, position = found.group(), found.end()
+            if char == '"':
+                in_string = True
+            elif char in "[{":
+                depth += 1
+            else:
+                depth -= 1
+                if depth <= 0:
+                    return position, depth, in_string, True
+    return position, depth, in_string, False
+
+
+def _read_array(stream: BinaryIO, max_chars: int, errors: _Collector, records: _Records) -> None:
+    """Parse the array element by element from a window of its text that reaches just past
+    the longest record allowed, so each element's line is known, a syntax error names the
+    element it is in, and no more than one record is held. A file that is not UTF-8 is
+    reported by its lines alone."""
+    if _report_non_utf8_lines(stream, errors):
         return
+    window = _TextWindow(stream)
     decoder = json.JSONDecoder()
-    position = _skip_whitespace(text, text.index("[") + 1)
-    line, line_position = 1, 0
-    if text.startswith("]", position):
-        position += 1
+    window.skip_whitespace()
+    window.advance(window.pos + 1)  # the "[" _detect_format found
+    window.skip_whitespace()
+    if window.next_char() == "]":
+        window.advance(window.pos + 1)
     else:
         for element in itertools.count():
-            line += text.count("\n", line_position, position)
-            line_position = position
+            line = window.line
+            window.fill(max_chars + 1)
             try:
-                value, end = decoder.raw_decode(text, position)
+                value, end = decoder.raw_decode(window.text, window.pos)
             except json.JSONDecodeError as err:
-                errors.add(err.lineno, element, None, f"invalid JSON: {err.msg} (column {err.colno})")
-                return
+                # Longer than the window: too long to be a record, whether or not it is valid.
+                too_long = _cut_by_window(window, err) and window.text[window.pos] in ('"', "{", "[")
+                if not too_long:
+                    error_line, column = window.line_and_column(err.pos)
+                    errors.add(error_line, element, None, f"invalid JSON: {err.msg} (column {column})")
+                    return
+                chars = window.skip_value()
+                if chars is None:
+                    errors.add(line, element, None, "invalid JSON: the element does not end before the end of the file")
+                    return
+                errors.add(line, element, None, _too_long(chars, max_chars))
             except (RecursionError, ValueError) as err:
                 errors.add(line, element, None, _json_error(err))
                 return
-            if end - position > limits.chars:
-                errors.add(line, element, None, _too_long(end - position, limits.chars))
             else:
-                _accept(value, line, element, limits, errors, records)
-            position = _skip_whitespace(text, end)
-            if text.startswith(",", position):
-                position = _skip_whitespace(text, position + 1)
-            elif text.startswith("]", position):
-                position += 1
-                break
-            else:
-                found = "end of file" if position >= len(text) else repr(text[position])
+                if end - window.pos > max_chars:
+                    errors.add(line, element, None, _too_long(end - window.pos, max_chars))
+                else:
+                    _accept(value, line, element, errors, records)
+                # Most often the separator and the whitespace around it are in the window
+                # already: one match then, instead of a step for each.
+                after = _SEPARATOR.match(window.text, end)
+                if after is not None and after.end() < len(window.text):
+                    window.advance(after.end())
+                    if after.group(1) == ",":
+                        continue
+                    break
+                window.advance(end)
+            window.skip_whitespace()
+            separator = window.next_char()
+            if separator not in (",", "]"):
+                found = "end of file" if not separator else repr(separator)
                 message = f"invalid JSON: expected ',' or ']' after the element, found {found}"
-                errors.add(_line_at(text, position), element, None, message)
+                errors.add(window.line, element, None, message)
                 return
-    position = _skip_whitespace(text, position)
-    if position < len(text):
-        errors.add(_line_at(text, position), None, None, "invalid JSON: unexpected data after the array")
+            window.advance(window.pos + 1)
+            window.skip_whitespace()
+            if separator == "]":
+                break
+    window.skip_whitespace()
+    if window.next_char():
+        errors.add(window.line, None, None, "invalid JSON: unexpected data after the array")
+
+
+def _cut_by_window(window: _TextWindow, err: json.JSONDecodeError) -> bool:
+    """Whether parsing failed only because the window ends inside the element: the text ran
+    out (at its end, or inside a string), and the stream has more."""
+    if window.eof:
+        return False
+    return err.pos >= len(window.text) - _LONGEST_ESCAPE or err.msg.startswith("Unterminated string")
 
 
 def _too_long(chars: int, limit: int) -> str:
     return f"record is {chars} characters, over the limit of {limit}"
 
 
-def _skip_whitespace(text: str, position: int) -> int:
-    while position < len(text) and text[position] in " \t\r\n":
-        position += 1
-    return position
-
-
-def _line_at(text: str, position: int) -> int:
-    return text.count("\n", 0, position) + 1
-
-
-def _accept(
-    value: Any, line: int | None, element: int | None, limits: _Limits, errors: _Collector,
-    records: list[tuple[Example, str]],
-) -> None:
+def _accept(value: Any, line: int | None, element: int | None, errors: _Collector, records: _Records) -> None:
     """Normalise one parsed record, or report its problems. Examples stop being kept once the
     file is known to be invalid: they would be thrown away."""
     problems: list[tuple[str | None, str]] = []
-    parsed = _normalize(value, limits, problems)
+    parsed = _normalize(value, records.max_messages, problems)
     for field, message in problems:
         errors.add(line, element, field, message)
     if parsed is not None and not errors.total:
-        records.append(parsed)
+        records.add(*parsed)
 
 
-def _normalize(record: Any, limits: _Limits, problems: list[tuple[str | None, str]]) -> tuple[Example, str] | None:
+def _normalize(record: Any, max_messages: int | None, problems: list[tuple[str | None, str]]) -> tuple[Example, str] | None:
     """The record as an ``Example`` and its shape name, or None with ``problems`` filled in."""
     if not isinstance(record, dict):
         problems.append((None, f"record must be a JSON object, got {_json_type(record)}"))
@@ -328,7 +507,7 @@ def _normalize(record: Any, limits: _Limits, problems: list[tuple[str | None, st
     elif shape == "alpaca":
         example = _alpaca(record, task, problems)
     else:
-        example = _chat(record, task, limits.messages, problems)
+        example = _chat(record, task, max_messages, problems)
     return None if example is None else (example, shape)
 
 

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.errors import install_error_handlers
 from service.api.inference import close_engine
-from service.api.routes import adapters, admin, files, generate, health, jobs, keys, models
+from service.api.routes import adapters, admin, files, generate, health, jobs, keys, models, usage
 from service.api.schemas import error_responses
 from service.api.security_headers import SecurityHeadersMiddleware
 from service.api.staging import sweep_staging
@@ -69,11 +69,12 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     )
     for module, statuses in (
         (health, ()),
-        (files, (401, 404, 408, 409, 413, 422, 503)),
-        (jobs, (401, 404, 408, 409, 413, 415, 422, 429, 503)),
+        (files, (401, 403, 404, 408, 409, 413, 422, 503)),
+        (jobs, (401, 403, 404, 408, 409, 413, 415, 422, 429, 503)),
         (adapters, (401, 404, 410, 422, 503)),
         (models, (401, 503)),
         (keys, (401, 404, 422, 503)),
+        (usage, (401, 503)),
         (generate, (401, 404, 408, 410, 413, 415, 422, 429, 503)),
     ):
         # The error statuses each route may answer with, in the one shape (not FastAPI's).

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlora.data import lone_surrogate
 
+from service.jobs.quotas import QuotaExceeded
 from service.problems import validation_problems
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def error_body(code: str, message: str, field: str | None = None, details: list[
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
@@ -176,6 +178,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(error_body(exc.code, exc.message, exc.field, exc.details), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(QuotaExceeded)
+    async def _quota_exceeded(request: Request, exc: QuotaExceeded) -> JSONResponse:
+        # 403, not 429 (no rate: waiting does not help) nor 413 (about one body, not what is kept).
+        details = [{"quota": exc.quota, "limit": exc.limit, "usage": exc.usage}]
+        return await _api_error(request, APIError(403, "quota_exceeded", str(exc), details=details))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -159,6 +159,22 @@ class KeyRotate(_KeyExpiry):
     )
 
 
+class QuotaUsage(BaseModel):
+    used: int
+    limit: int
+
+
+class UsageOut(BaseModel):
+    """What the tenant keeps, against its quotas."""
+
+    object: Literal["usage"] = "usage"
+    stored_bytes: QuotaUsage = Field(description="dataset files plus adapter folders, in bytes")
+    files: QuotaUsage
+    adapters: QuotaUsage = Field(description="a job needs room for one more, counting those of the queued and running jobs")
+    jobs: QuotaUsage = Field(description="jobs in any status")
+    jobs_by_status: dict[str, int] = Field(description="each status, 0 where no job has it")
+
+
 class ModelOut(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -194,6 +210,7 @@ class ErrorResponse(BaseModel):
 
 _ERROR_DESCRIPTIONS = {
     401: "Missing or invalid API key",
+    403: "A quota of the tenant would be exceeded (quota_exceeded: the quota, its limit and the usage named)",
     408: "The request body arrived too slowly, or stopped",
     404: "No such object (or it belongs to another tenant)",
     409: "Conflict with the object's current state",

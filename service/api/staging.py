@@ -1,11 +1,12 @@
 """Staging files under ``RLORA_HOME/tmp``: uploads on their way into the store, adapter zips
-on their way out. Each is removed by the request that made it; one left behind by a process
-that died (killed mid-upload, say) is swept when an API process starts.
+on their way into their cache (service/api/archives.py). Each is removed or renamed by the
+request that made it; one left behind by a process that died (killed mid-upload, say) is
+swept when an API process starts.
 
 Several API processes share ``RLORA_HOME``, and another one may be writing a staging file right
 now, so only files untouched for ``RLORA_STAGING_MAX_AGE`` are swept: an upload that goes on
-writes (or gets a 408 after ``RLORA_BODY_IDLE_TIMEOUT``), and a download is open already once
-it streams (removing an open file does not cut its reader off).
+writes (or gets a 408 after ``RLORA_BODY_IDLE_TIMEOUT``), and a zip is renamed into its cache
+as soon as it is built.
 """
 
 from __future__ import annotations

@@ -1,19 +1,16 @@
-import os
 import shutil
-import zipfile
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from starlette.background import BackgroundTask
 
+from service.api.archives import adapter_archive, remove_adapter_archive
 from service.api.auth import TenantDep, TenantReaderDep, get_owned, list_owned, read_owned, where_owned
 from service.api.deps import SessionDep, SessionRoute, SettingsDep
 from service.api.errors import APIError
 from service.api.inference import evict_adapter
-from service.api.staging import staging_file
 from service.models import Adapter
 from service.api.paging import PageDep
 from service.api.schemas import AdapterOut, Deleted, Page
@@ -45,18 +42,12 @@ def download_adapter(adapter_id: str, tenant: TenantDep, session: SessionDep, se
     """The adapter folder as a zip: ``adapter_config.json`` and ``adapter_model.safetensors``."""
     adapter = get_adapter(session, tenant.id, adapter_id)
     folder = Path(adapter.path)
-    if not folder.is_dir():
-        raise APIError(410, "adapter_files_missing", f"the files of adapter {adapter_id} are no longer on disk")
-    session.close()  # the connection back to the pool before the zip, which may take a while
-    fd, zip_path = staging_file(settings, "adapter-", ".zip")
-    os.close(fd)
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, f"{adapter_id}/{path.relative_to(folder)}")
-    return FileResponse(
-        zip_path, media_type="application/zip", filename=f"{adapter_id}.zip", background=BackgroundTask(os.unlink, zip_path)
-    )
+    session.close()  # the connection back to the pool before the first download's zip, which may take a while
+    try:
+        archive = adapter_archive(settings, adapter_id, folder)
+    except FileNotFoundError:
+        raise APIError(410, "adapter_files_missing", f"the files of adapter {adapter_id} are no longer on disk") from None
+    return FileResponse(archive, media_type="application/zip", filename=f"{adapter_id}.zip")
 
 
 @router.delete("/{adapter_id}")
@@ -69,4 +60,5 @@ def delete_adapter(adapter_id: str, request: Request, tenant: TenantDep, session
     # the id up in the database first, so from now on it is a 404 there.
     evict_adapter(request.app, adapter_id)
     shutil.rmtree(folder, ignore_errors=True)
+    remove_adapter_archive(Path(folder))
     return Deleted(id=adapter_id, object="adapter")

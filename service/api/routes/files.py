@@ -3,11 +3,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from rlora.data.records import DatasetValidationError, validate_dataset
+from rlora.data.records import DatasetValidationError, check_dataset
 
 from service.api.auth import TenantDep, TenantReaderDep, get_owned, list_owned, read_owned, where_owned
 from service.api.deps import SessionDep, SessionRoute, SettingsDep, closing_sessions
 from service.api.errors import APIError
+from service.jobs import quotas
+from service.jobs.scheduling import lock_tenant
 from service.jobs.states import active_jobs_using_file
 from service.models import File
 from service.api.paging import PageDep
@@ -28,8 +30,13 @@ def get_file(session: Session, tenant_id: str, file_id: str) -> File:
 
 @closing_sessions  # in this thread: the request must not hold the connection on its way out
 def _validate_and_store(*, session: Session, settings: Settings, tenant_id: str, upload: Upload) -> File:
+    # Refused before the validation when there is no room already; the connection goes back
+    # to the pool while it runs.
+    quotas.check_file_upload(session, settings, tenant_id, upload.size)
+    session.rollback()
     try:
-        _, summary = validate_dataset(
+        # Streamed from the staged file in this thread: memory follows the largest record.
+        summary = check_dataset(
             upload.path, max_record_chars=settings.max_record_chars, max_record_messages=settings.max_record_messages
         )
     except DatasetValidationError as err:
@@ -38,6 +45,10 @@ def _validate_and_store(*, session: Session, settings: Settings, tenant_id: str,
         raise APIError(
             422, "invalid_dataset", f"invalid dataset: {err.total} problem{plural}; first: {err.errors[0]}", field=FIELD, details=details
         ) from None
+    # Counted again and inserted under the tenant's lock: concurrent uploads cannot both take
+    # the last of a quota.
+    lock_tenant(session, tenant_id)
+    quotas.check_file_upload(session, settings, tenant_id, upload.size)
     store_blob(settings, upload.path, upload.sha256)
     file = File(
         tenant_id=tenant_id,

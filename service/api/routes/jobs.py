@@ -10,7 +10,7 @@ from service.api.deps import CeleryDep, SessionDep, SessionRoute, SettingsDep
 from service.api.errors import APIError, invalid_fields, reject_lone_surrogates
 from service.api.paging import EventPageDep, PageDep, page
 from service.api.schemas import JobCreate, JobError, JobEventOut, JobMetrics, JobOut, Page, Progress
-from service.jobs import scheduling, states
+from service.jobs import quotas, scheduling, states
 from service.jobs.queue import send_token
 from service.jobs.requests import InvalidJobRequest, check_job, request_hash
 from service.jobs.states import Status
@@ -94,6 +94,7 @@ def create_job(
     if active >= settings.max_active_jobs_per_tenant:
         session.rollback()
         raise APIError(429, "too_many_jobs", f"{active} jobs are queued or running; the limit is {settings.max_active_jobs_per_tenant}")
+    quotas.check_job_submission(session, settings, tenant.id)  # the lock goes with the session on a refusal
 
     job = checked.job
     job.idempotency_key = idempotency_key
