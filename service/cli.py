@@ -28,14 +28,29 @@ WORKER_STOP_SECONDS = 60
 PRIVATE_UMASK = 0o077
 
 _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_MAX_DURATION = timedelta(days=36_525)
 
 
 def _duration(text: str) -> timedelta:
-    """``90d``, ``12h``, ``30m`` or ``3600s``."""
+    """``90d``, ``12h``, ``30m`` or ``3600s``: a length of time, up to 100 years."""
     match = re.fullmatch(r"(\d+)([smhd])", text.strip())
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90d, 12h, 30m or 3600s")
-    return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        duration = timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:
+        duration = _MAX_DURATION * 2
+    if duration > _MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than 100 years")
+    return duration
+
+
+def _positive_duration(text: str) -> timedelta:
+    """A `_duration` above zero (an expiry of 0 would be no expiry at all)."""
+    duration = _duration(text)
+    if not duration:
+        raise argparse.ArgumentTypeError(f"{text!r}: a key's lifetime must be more than zero")
+    return duration
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     key = commands.add_parser("key", help="manage a tenant's API keys")
     key_commands = key.add_subparsers(dest="key_command", required=True)
-    expires_in = dict(type=_duration, metavar="DURATION", help="the key stops working after this (90d, 12h, 30m, 3600s); default never")
+    expires_in = dict(type=_positive_duration, metavar="DURATION", help="the key stops working after this (90d, 12h, 30m, 3600s); default never")
     key_create = key_commands.add_parser("create", help="a new API key for a tenant; prints it on the last line")
     key_create.add_argument("--name", help="what the key is for, shown in lists")
     key_create.add_argument("--expires-in", **expires_in)
@@ -220,7 +235,7 @@ def _key(settings: Settings, args: argparse.Namespace) -> int:
         print(f"error: --grace is at most {keys.MAX_ROTATION_GRACE.days}d", file=sys.stderr)
         return 2
     expires_in = getattr(args, "expires_in", None)
-    expires_at = utcnow() + expires_in if expires_in else None
+    expires_at = utcnow() + expires_in if expires_in is not None else None
     _migrate(settings)
     db = Database(settings.database)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.ids import KEY_SHOWN_CHARS, could_exist, hash_api_key, new_api_key
@@ -95,8 +95,16 @@ def rotate_key(session: Session, key: ApiKey, grace: timedelta, expires_at: date
     state = key_state(key.revoked_at, key.expires_at, now)
     if state is not KeyState.ACTIVE:
         raise KeyNotActive(f"key {key.id} is {state}; create a new key instead")
-    if grace <= timedelta(0):
-        key.revoked_at = now
-    else:
-        key.expires_at = min(key.expires_at or now + grace, now + grace)
+    change = {"revoked_at": now} if grace <= timedelta(0) else {"expires_at": min(key.expires_at or now + grace, now + grace)}
+    # Compare-and-set on what was read: of two rotations at once, one makes the successor.
+    changed = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key.id, ApiKey.revoked_at.is_(None), ApiKey.expires_at.is_not_distinct_from(key.expires_at))
+        .values(**change)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not changed:
+        session.rollback()
+        raise KeyNotActive(f"key {key.id} was changed meanwhile (revoked or rotated); list the keys again")
+    session.expire(key)
     return create_key(session, key.tenant_id, key.name, expires_at)  # one commit: both keys change together

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -34,6 +35,7 @@ class Settings(BaseSettings):
     max_heads_x_rank: int = Field(256, ge=1, description="adapter heads x rank")
     max_adapter_params_per_layer: int = Field(4_194_304, ge=1, description="adapter parameters (and frozen buffers) on one adapted layer")
     max_eval_new_tokens: int = Field(256, ge=1, description="eval_max_new_tokens")
+    max_eval_examples: int = Field(256, ge=0, description="eval_max_examples: validation examples evaluated (greedy) per task")
     max_job_seconds: float = Field(86_400.0, gt=0, description="wall-clock of one attempt at a job; past it the job fails")
     max_job_attempts: int = Field(3, ge=1, description="a job whose worker is lost this many times fails instead of being queued again")
     # Per-tenant quotas on what a tenant keeps (service.jobs.quotas); 403 quota_exceeded past one.
@@ -160,6 +162,10 @@ class Settings(BaseSettings):
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         for folder in (self.files_dir, self.jobs_dir, self.tmp_dir, self.cache_dir):
             folder.mkdir(mode=0o700, exist_ok=True)
+        # A home made before files were private (0755) is closed too: the home's mode guards all
+        # below it. Not when another user owns it (a shared mount the operator set up).
+        if self.home.stat().st_uid == os.getuid() and self.home.stat().st_mode & 0o077:
+            os.chmod(self.home, 0o700)
 
 
 @lru_cache

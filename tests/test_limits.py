@@ -41,6 +41,7 @@ def problems_of(response) -> list[dict]:
         ("training", dict(batch_size=4096, gradient_accumulation_steps=4096), "training.batch_size", "131072"),
         ("training", dict(max_seq_len=2048), "training.max_seq_len", "context of 1024"),
         ("training", dict(eval_max_new_tokens=4096), "training.eval_max_new_tokens", "256"),
+        ("training", dict(eval_max_examples=100_000), "training.eval_max_examples", "256"),
         ("adapter", dict(heads=32, rank=16), "adapter.heads", "256"),
         ("adapter", dict(alpha=1e38), "adapter.alpha", "10000"),
         ("adapter", dict(gamma=1e-9), "adapter.gamma", "0.01"),

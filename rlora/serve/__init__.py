@@ -35,13 +35,13 @@ How a route uses it::
 Errors: `GenerationValidationError` (a ValueError with ``.field``) -> 422;
 `rlora.basemodels.UnknownBaseModel` (LookupError), FileNotFoundError (no adapter folder) and
 KeyError (adapter not loaded, no path) -> 404; `rlora.AdapterMismatchError` and
-`AdapterNotFinite` -> 422; `EngineOverloaded` -> 429; `EngineClosed` -> 503. After submission a
+`AdapterUnusable` -> 422; `EngineOverloaded` -> 429; `EngineClosed` -> 503. After submission a
 request may end with `NonFiniteScores` (its adapter's outputs overflow; 422) or `RequestFailed`
 (it failed alone, e.g. out of memory in its prompt; 503), the rest of the batch going on;
 `RequestCancelled` only reaches a waiter of a request that was cancelled.
 """
 
-from .adapters import AdapterCache, AdapterNotFinite, AdapterTooLarge, LoadedAdapter, PackedLayer, load_adapter, pack_layer
+from .adapters import AdapterCache, AdapterUnusable, AdapterTooLarge, LoadedAdapter, PackedLayer, load_adapter, pack_layer
 from .engine import InferenceEngine
 from .handle import EngineClosed, EngineOverloaded, NonFiniteScores, RequestCancelled, RequestFailed, RequestHandle
 from .multi_linear import MultiAdapterLinear
@@ -50,7 +50,7 @@ from .scheduler import BaseModelRunner
 
 __all__ = [
     "AdapterCache",
-    "AdapterNotFinite",
+    "AdapterUnusable",
     "AdapterTooLarge",
     "BaseModelRunner",
     "EngineClosed",

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..adapter.inject import is_target
-from ..adapter.config import AdapterConfig
+from ..adapter.config import AdapterConfig, AdapterConfigError
 from ..adapter.folder import WEIGHTS_FILE, AdapterMismatchError, check_base_model, is_adapter_folder, read_adapter_config
 
 
@@ -31,9 +31,18 @@ class AdapterTooLarge(ValueError):
     """An adapter bigger than the whole adapter cache."""
 
 
-class AdapterNotFinite(ValueError):
-    """An adapter with NaN or infinite weights (after its scaling): it would make every
-    request on it fail, and its infinities would spill into other rows' zero products."""
+class AdapterUnusable(ValueError):
+    """An adapter that cannot be served: NaN or infinite weights (after its scaling: they would
+    fail every request on it and spill into other rows' zero products), or settings outside
+    what this library accepts (e.g. an alpha saved before the bound on it)."""
+
+
+def read_servable_config(adapter_id: str, path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
+    """`read_adapter_config`, an invalid configuration raised as `AdapterUnusable`."""
+    try:
+        return read_adapter_config(path)
+    except AdapterConfigError as err:
+        raise AdapterUnusable(f"adapter {adapter_id!r}: {err}") from None
 
 
 @dataclass
@@ -119,7 +128,7 @@ def load_adapter(
     path = Path(path)
     if not is_adapter_folder(path):
         raise FileNotFoundError(f"no adapter folder at {str(path)!r} (adapter {adapter_id!r})")
-    config, meta = read_adapter_config(path)
+    config, meta = read_servable_config(adapter_id, path)
     check_base_model(meta, fingerprint, adapter=adapter_id, base_model=base_model)
     tensors = load_file(path / WEIGHTS_FILE, device=str(device))
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -136,7 +145,7 @@ def load_adapter(
             config.scaling, out_dtype,
         )
         if not (torch.isfinite(packed.reads).all() and torch.isfinite(packed.writes).all()):
-            raise AdapterNotFinite(f"adapter {adapter_id!r}, module {module!r}: weights (times its scaling {config.scaling:g}) are not finite numbers")
+            raise AdapterUnusable(f"adapter {adapter_id!r}, module {module!r}: weights (times its scaling {config.scaling:g}) are not finite numbers")
     return LoadedAdapter(adapter_id=adapter_id, path=path, base_model=base_model, config=config, layers=layers, meta=meta)
 
 

@@ -13,9 +13,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..adapter.folder import AdapterMismatchError, read_adapter_config
+from ..adapter.folder import AdapterMismatchError
 from ..basemodels import load_base_model, resolve_base_model
-from .adapters import AdapterCache, LoadedAdapter, load_adapter
+from .adapters import AdapterCache, LoadedAdapter, load_adapter, read_servable_config
 from .handle import EngineClosed, RequestHandle
 from .params import GenerationParams, GenerationResult, GenerationValidationError, Limits, as_params
 from .scheduler import BaseModelRunner
@@ -90,7 +90,7 @@ class InferenceEngine:
         if path is None:
             raise KeyError(f"adapter {adapter_id!r} is not loaded and no path was given")
         if base_model is None:
-            _, meta = read_adapter_config(path)
+            _, meta = read_servable_config(adapter_id, path)
             base_model = meta.get("base_model_name") or self.default_base_model
             if base_model is None:
                 raise AdapterMismatchError(f"adapter {adapter_id!r} names no base model")

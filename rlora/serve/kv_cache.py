@@ -38,6 +38,13 @@ class SlotKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def clear(self, slot: int) -> None:
+        """Zero a slot: a request whose values were not finite leaves NaN there, and a masked-out
+        NaN still poisons attention (0 * NaN) for the next request in the slot."""
+        for keys, values in zip(self.keys, self.values):
+            keys[slot].zero_()
+            values[slot].zero_()
+
     def bind_decode(self, rows: int, width: int, positions: torch.Tensor) -> None:
         """The next forward is one token for slots [0, rows): slot i writes at ``positions[i]``
         (the scratch column for a slot that is not decoding) and attends to [0, width)."""

@@ -56,9 +56,9 @@ class Limits:
     prefill_chunk_tokens: int = 512  # ... and while rows decode: long prompts go in chunks between steps
     max_queue: int = 1024  # waiting requests per base model before `EngineOverloaded`
     # One tenant (the name a caller gives `submit`) among many:
-    max_pending_per_tenant: int = 256  # its waiting requests per base model
-    max_running_per_tenant: int | None = None  # its rows in the batch (None: as many as free)
-    max_tokens_per_second_per_tenant: float | None = None  # tokens it generates (checked at admission)
+    max_pending_per_tenant: int | None = None  # its waiting requests per base model (None: up to max_queue)
+    max_running_per_tenant: int | None = None  # its rows while others wait (None: as many as free)
+    max_tokens_per_second_per_tenant: float | None = None  # tokens it generates (reserved at admission)
 
     def resolved(self, model_max_positions: int | None) -> "Limits":
         total = self.max_total_tokens or model_max_positions or 2048

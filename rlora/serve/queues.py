@@ -1,7 +1,8 @@
 """`TenantQueues`: the requests waiting for a row of one base model, per tenant, so that one
 tenant cannot crowd out the others: a tenant's queue has its own bound, rows are handed out
 round-robin across the tenants that wait, and a tenant may be held to a number of running
-requests and a rate of generated tokens.
+requests (while others wait: alone, it may use every row) and a rate of generated tokens (a
+request reserves its ``max_new_tokens`` when it starts and gives back what it did not use).
 
 A tenant is whatever string the caller names (the service: its tenant id; "" for callers that
 name none, which then share one queue).
@@ -19,7 +20,8 @@ from .request import ActiveRequest
 
 
 class TenantQueues:
-    """Touched under the runner's lock: `add` by submitters, the rest by the runner's loop."""
+    """`add` runs in submitters' threads, the rest in the runner's loop; all under the runner's
+    lock but `refund`, which only the loop calls."""
 
     def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic):
         self.limits = limits
@@ -39,8 +41,9 @@ class TenantQueues:
         """Queue ``request``; `EngineOverloaded` when the base model's queue or its tenant's is full."""
         if self._size >= self.limits.max_queue:
             raise EngineOverloaded("Model is overloaded")
-        if self.waiting(request.tenant) >= self.limits.max_pending_per_tenant:
-            raise EngineOverloaded(f"Model is overloaded: {self.limits.max_pending_per_tenant} of your requests are waiting already")
+        share = self.limits.max_pending_per_tenant
+        if share is not None and self.waiting(request.tenant) >= share:
+            raise EngineOverloaded(f"Model is overloaded: {share} of your requests are waiting already")
         self._queues.setdefault(request.tenant, deque()).append(request)
         self._size += 1
 
@@ -64,6 +67,7 @@ class TenantQueues:
                 if request.handle.cancelled:
                     request.handle._close(error=RequestCancelled("request cancelled"))
                     continue
+                self._reserve(request)
                 taken.append(request)
                 held[tenant] = held.get(tenant, 0) + 1
                 if tenant in self._queues:
@@ -75,6 +79,7 @@ class TenantQueues:
     def put_back(self, requests: list[ActiveRequest]) -> None:
         """Requests taken but not started, back at the front of their tenants' queues, in order."""
         for request in reversed(requests):
+            self.refund(request)
             self._queues.setdefault(request.tenant, deque()).appendleft(request)
             self._size += 1
 
@@ -93,15 +98,24 @@ class TenantQueues:
         self._size = 0
         return requests
 
-    def charge(self, tenant: str, tokens: int) -> None:
-        """``tokens`` generated for ``tenant`` (its allowance may go below zero: it then waits)."""
+    def refund(self, request: ActiveRequest) -> None:
+        """Give back the tokens ``request`` reserved and did not generate (it ended or did not start)."""
+        unused = request.reserved_tokens - request.generated_count
+        if request.reserved_tokens and unused > 0:
+            self._allowance[request.tenant] = (self._refilled(request.tenant) + unused, self._clock())
+        request.reserved_tokens = 0
+
+    def _reserve(self, request: ActiveRequest) -> None:
+        """The tokens ``request`` may generate, out of its tenant's allowance (which may go below
+        zero by at most one request's worth: the tenant then waits for it to refill)."""
         if self.limits.max_tokens_per_second_per_tenant is not None:
-            self._allowance[tenant] = (self._refilled(tenant) - tokens, self._clock())
+            request.reserved_tokens = request.stopping.max_new_tokens
+            self._allowance[request.tenant] = (self._refilled(request.tenant) - request.reserved_tokens, self._clock())
 
     def _may_start(self, tenant: str, running: int) -> bool:
         cap = self.limits.max_running_per_tenant
-        if cap is not None and running >= cap:
-            return False
+        if cap is not None and running >= cap and any(t != tenant for t in self._queues):
+            return False  # at its share while others wait (alone, it may use the idle rows)
         return self.limits.max_tokens_per_second_per_tenant is None or self._refilled(tenant) > 0
 
     def _refilled(self, tenant: str) -> float:

@@ -36,6 +36,8 @@ class ActiveRequest:
     prefilled: int = 0  # prompt tokens in the cache
     length: int = 0  # tokens in the cache once decoding (the next one is written there)
     generated_count: int = 0
+    reserved_tokens: int = 0  # of its tenant's token allowance (TenantQueues)
+    prefill_alone: bool = False  # a pass with it failed: it is prefilled on its own from now on
     seed: int | None = None
     prompt_logprobs: list[float] = field(default_factory=list)  # decoder_input_details
     routing: dict[str, tuple] = field(default_factory=dict)  # path -> (weight sums, entropy sum, tokens)

@@ -278,6 +278,7 @@ class BaseModelRunner:
                     self._prefill()
                     self._decode_step()
             except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the loop
+                log.exception("a decode step failed; its requests fail")
                 for request in [r for r in self._rows if r is not None]:
                     self._free(request)
                     self._output.submit(lambda r=request, e=err: r.handle._close(error=e))
@@ -317,8 +318,10 @@ class BaseModelRunner:
             except Exception as err:  # noqa: BLE001 - e.g. out of memory growing a table: this request fails
                 if request.slot >= 0:
                     self._free(request)
-                elif request.adapter_slot >= 0:
-                    self.adapter_slots.release(request.adapter_slot)
+                else:
+                    self._pending.refund(request)
+                    if request.adapter_slot >= 0:
+                        self.adapter_slots.release(request.adapter_slot)
                 request.handle._close(error=err)
         if waiting:
             with self._cv:
@@ -344,6 +347,7 @@ class BaseModelRunner:
         self._row_on[slot] = 0.0
         self._row_slots[slot] = 0  # a row that is not decoding still takes part in a step: a slot in range
         self.sampler.free_row(slot)
+        self._pending.refund(request)
         if request.adapter_slot >= 0:
             self.adapter_slots.release(request.adapter_slot)
             request.adapter_slot = -1
@@ -377,21 +381,31 @@ class BaseModelRunner:
         budget = self.limits.prefill_chunk_tokens if decoding else self.limits.max_prefill_tokens
         rows, chunks = [], []
         for request in waiting:
+            if request.prefill_alone and rows:
+                continue  # it goes in a pass of its own
             take = min(len(request.prompt) - request.prefilled, budget)
             width = max([len(c) for c in chunks] + [take])
             if rows and width * (len(rows) + 1) > budget:
                 break
             rows.append(request)
             chunks.append(request.prompt[request.prefilled : request.prefilled + take])
+            if request.prefill_alone:
+                break
         try:
             logits = self._prefill_forward(rows, chunks)
-        except Exception as err:  # noqa: BLE001 - e.g. out of memory: these prompts fail, the batch goes on
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory: the prompt that fails fails alone
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            for request in rows:
-                self._free(request)
-                failure = RequestFailed(f"the prompt could not be processed ({type(err).__name__}: {err}); try again later")
-                self._output.submit(lambda r=request, e=failure: r.handle._close(error=e))
+            if len(rows) > 1:  # which one? each goes again in a pass of its own
+                log.warning("a prefill pass of %d prompts failed (%s: %s); retrying them one by one", len(rows), type(err).__name__, err)
+                for request in rows:
+                    request.prefill_alone = True
+                return
+            log.exception("a prompt could not be prefilled; its request fails")
+            request = rows[0]
+            self._free(request)
+            failure = RequestFailed(f"the prompt could not be processed ({type(err).__name__}: {err}); try again later")
+            self._output.submit(lambda e=failure: request.handle._close(error=e))
             return
         for request, tokens in zip(rows, chunks):
             request.prefilled += len(tokens)
@@ -500,6 +514,7 @@ class BaseModelRunner:
         for request, token, logprob, ok in zip(requests, *chosen):
             if not ok:
                 self._free(request)
+                self.cache.clear(request.slot)
                 failure = NonFiniteScores(
                     f"the scores of this request are not finite numbers (NaN or infinity): "
                     f"{'adapter ' + repr(request.adapter.adapter_id) if request.adapter else 'the base model'} cannot be served"
@@ -512,8 +527,6 @@ class BaseModelRunner:
             routing = dict(request.routing) if request.wants_routing else None
             items.append((request, token, logprob, reason, routing))
         self._output.submit(lambda: self._deliver(items))
-        for tenant, tokens in Counter(item[0].tenant for item in items).items():
-            self._pending.charge(tenant, tokens)
         for request, _, _, reason, _ in items:
             if reason is not None:
                 self._free(request)

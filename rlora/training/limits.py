@@ -25,6 +25,7 @@ class TrainingLimits:
     max_heads_x_rank: int | None = None
     max_adapter_params_per_layer: int | None = None
     max_eval_new_tokens: int | None = None
+    max_eval_examples: int | None = None  # validation examples evaluated per task
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,10 @@ def limit_problems(
     """Every setting of a run on the base model folder ``base_model`` that is over its
     context or over ``limits``. ``train_examples`` (the mixture's training examples) gives
     the steps of a run measured in epochs."""
-    model = _meta_model(os.fspath(base_model))
+    try:
+        model = _meta_model(os.fspath(base_model))
+    except (OSError, ValueError, KeyError) as err:  # a config transformers cannot read
+        return [LimitProblem("base_model", f"the base model's configuration cannot be read: {err}")]
     problems = [problem for problem in (context_problem(training, model.config),) if problem]
     problems += _work_problems(training, train_examples, limits)
     problems += _adapter_problems(adapter, model, limits)
@@ -96,6 +100,10 @@ def _work_problems(training: TrainingSettings, train_examples: int, limits: Trai
     if limits.max_eval_new_tokens is not None and training.eval_max_new_tokens > limits.max_eval_new_tokens:
         problems.append(LimitProblem(
             "training.eval_max_new_tokens", f"{training.eval_max_new_tokens} is over the limit of {limits.max_eval_new_tokens}"
+        ))
+    if limits.max_eval_examples is not None and training.eval_max_examples > limits.max_eval_examples:
+        problems.append(LimitProblem(
+            "training.eval_max_examples", f"{training.eval_max_examples} is over the limit of {limits.max_eval_examples} a task"
         ))
     return problems
 

@@ -3,16 +3,18 @@ admin token of the admin routes; tenant-scoped reads."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel
 from sqlalchemy import Connection, Row, Select, Table, bindparam, or_, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -23,6 +25,8 @@ from service.db import Database
 from service.ids import could_exist, hash_api_key
 from service.keys import LAST_USED_RESOLUTION, KeyState, create_key, key_state
 from service.models import ApiKey, Tenant, utcnow
+
+log = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
@@ -78,11 +82,22 @@ def _tenant_of_key(connection: Connection, key_hash: str) -> AuthenticatedTenant
     if state is not KeyState.ACTIVE:
         raise _unauthorized(f"API key {row.key_id} is {state}")
     stale_before = now - LAST_USED_RESOLUTION
-    if row.last_used_at is None or row.last_used_at < stale_before:
-        # A write at most once a LAST_USED_RESOLUTION per key, never one per request.
-        connection.execute(_MARK_USED, {"key_id": row.key_id, "stale_before": stale_before, "now": now})
-        connection.commit()
+    stale = row.last_used_at is None or row.last_used_at < stale_before
+    if stale and _marked_here.get(row.key_id, stale_before) <= stale_before:
+        # A write at most once a LAST_USED_RESOLUTION per key (and per process), never one per
+        # request; and only a mark: a database busy with other writers does not fail the request.
+        _marked_here[row.key_id] = now
+        try:
+            connection.execute(_MARK_USED, {"key_id": row.key_id, "stale_before": stale_before, "now": now})
+            connection.commit()
+        except OperationalError as err:
+            connection.rollback()
+            log.info("API key %s: last use not recorded (%s)", row.key_id, err.orig)
     return AuthenticatedTenant(id=row.id, name=row.name)
+
+
+# When this process last marked each key used (a bound on its writes, whatever the database says).
+_marked_here: dict[str, datetime] = {}
 
 
 def _bearer_hash(request: Request) -> str:

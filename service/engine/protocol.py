@@ -21,7 +21,7 @@ from typing import Any
 from rlora.adapter.folder import AdapterMismatchError
 from rlora.basemodels import UnknownBaseModel
 from rlora.serve import (
-    AdapterNotFinite,
+    AdapterUnusable,
     AdapterTooLarge,
     EngineClosed,
     EngineOverloaded,
@@ -47,7 +47,7 @@ class RemoteEngineError(RuntimeError):
 REFUSAL_STATUS: dict[type[BaseException], int] = {
     GenerationValidationError: 422,
     AdapterMismatchError: 422,
-    AdapterNotFinite: 422,
+    AdapterUnusable: 422,
     AdapterTooLarge: 507,
     FileNotFoundError: 404,
     UnknownBaseModel: 404,

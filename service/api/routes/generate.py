@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from rlora.serve import (
-    AdapterNotFinite,
+    AdapterUnusable,
     AdapterTooLarge,
     EngineClosed,
     EngineOverloaded,
@@ -160,7 +160,7 @@ async def _submit(engine: Engine, inputs: str, params: GenerationParams, target:
         raise invalid(error_field(err.field), str(err)) from None
     except AdapterMismatchError as err:
         raise APIError(422, "adapter_mismatch", str(err), field="parameters.adapter_id") from None
-    except AdapterNotFinite as err:
+    except AdapterUnusable as err:
         raise APIError(422, "adapter_unusable", str(err), field="parameters.adapter_id") from None
     except AdapterTooLarge as err:
         raise APIError(503, "adapter_too_large", f"{err}; raise RLORA_ADAPTER_CACHE_BYTES") from None
@@ -177,10 +177,10 @@ async def _submit(engine: Engine, inputs: str, params: GenerationParams, target:
         raise _engine_gone(err) from None
 
 
-def _failed_alone(err: RequestFailed) -> APIError:
+def _failed_alone(err: RequestFailed, target: Target | None) -> APIError:
     """A request that failed on its own after it was queued (the others went on)."""
     if isinstance(err, NonFiniteScores):
-        return APIError(422, "adapter_unusable", str(err), field="parameters.adapter_id")
+        return APIError(422, "adapter_unusable", str(err), field="parameters.adapter_id" if target else None)
     return APIError(503, "generation_failed", str(err), headers={"Retry-After": "1"})
 
 
@@ -231,7 +231,7 @@ async def _generate(request: Request, body: GenerateRequest, tenant_id: str, ses
     except (EngineClosed, EngineUnavailable) as err:
         raise _engine_gone(err) from None
     except RequestFailed as err:
-        raise _failed_alone(err) from None
+        raise _failed_alone(err, target) from None
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     content = generate_response(result, details=params.details)
