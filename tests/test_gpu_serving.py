@@ -2,6 +2,9 @@
 decode steps captured as CUDA graphs give the tokens the uncaptured steps give, another mix of
 adapters replays the same graphs, and bfloat16 serving agrees with training-time eval."""
 
+import threading
+import time
+
 import pytest
 import torch
 from adapters_support import perturbed_adapters
@@ -30,7 +33,14 @@ def adapter_paths(tmp_path_factory, tiny_model_path):
 
 
 def run_batch(engine, adapters):
+    """All rows admitted together (the loop held while they are queued), so a batch's steps have
+    the same shapes whatever the timing (a row alone first would be a step of another shape)."""
+    runner = engine.base_model("tiny")
+    hold = threading.Thread(target=runner.call, args=(lambda: time.sleep(0.3),))
+    hold.start()
+    time.sleep(0.05)
     handles = [engine.submit(text, GREEDY, adapter_id=a) for a, text in zip(adapters, TEXTS)]
+    hold.join()
     return [[t.id for t in h.result(timeout=120).tokens] for h in handles]
 
 
@@ -80,3 +90,19 @@ def test_bfloat16_logits_agree_with_training_time_eval(tiny_model_path, adapter_
         with torch.no_grad():
             expected = model(torch.tensor([seq], device="cuda")).logits[0]
         torch.testing.assert_close(logits.float(), expected.float().cpu(), rtol=0, atol=4e-3)
+
+
+def test_steps_are_captured_again_after_the_tables_grow(tiny_model_path, adapter_paths, tmp_path):
+    """A larger adapter reallocates the slot tables, which drops every graph and their memory
+    pool; the next captures must start a new pool (capturing into the freed one failed on an
+    H200, and serving fell back to uncaptured steps)."""
+    big = AdapterConfig(method="rlora", heads=5, rank=8, target_modules="all-linear", seed=9)
+    big_path = perturbed_adapters(tiny_model_path, {"big": big}, tmp_path)["big"]
+    with InferenceEngine(cache_dir=tiny_model_path.parent, device="cuda", dtype=torch.bfloat16) as engine:
+        engine.adapter("a", adapter_paths["a"])
+        runner = engine.base_model("tiny")
+        run_batch(engine, ["a"] * 4)
+        assert len(runner.graphs) > 0
+        engine.adapter("big", big_path)
+        run_batch(engine, ["big", "a", "big", "a"])
+        assert runner.graphs.enabled and len(runner.graphs) > 0

@@ -43,7 +43,7 @@ class CapturedSteps:
             except Exception:  # noqa: BLE001 - serving goes on uncaptured, more slowly
                 log.exception("a decode step could not be captured as a CUDA graph; steps run uncaptured from now on")
                 self.enabled = False
-                self._graphs.clear()
+                self.clear()
                 return step()
         graph, output = entry
         graph.replay()
@@ -63,5 +63,7 @@ class CapturedSteps:
         return graph, output
 
     def clear(self) -> None:
-        """Forget every graph (the tensors a step reads were reallocated)."""
+        """Forget every graph (the tensors a step reads were reallocated), and their memory pool:
+        it is freed with the last graph that used it, and capturing into a freed pool fails."""
         self._graphs.clear()
+        self._pool = None
