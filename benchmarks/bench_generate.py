@@ -66,6 +66,8 @@ from rlora import AdapterConfig  # noqa: E402
 from rlora.serve import InferenceEngine, Limits  # noqa: E402
 from rlora.tiny import TINY_CONFIG, TINY_MODEL_NAME, build_tiny_model, build_tokenizer  # noqa: E402
 
+from bench_support import cpu_name  # noqa: E402
+
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 
@@ -77,16 +79,6 @@ def rss_bytes() -> int:
         pass
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_adapters(model_path: Path, out: Path, count: int, base_model_name: str = TINY_MODEL_NAME) -> list[Path]:

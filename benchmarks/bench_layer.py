@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rlora import AdapterConfig  # noqa: E402
 from rlora.adapter.layer import RLoRALinear  # noqa: E402
 
+from bench_support import saved_activation_bytes  # noqa: E402
+
 
 class ReferenceLoopLayer(nn.Module):
     """The computation as the reference code loops it, with the correction folded into W."""
@@ -50,22 +52,6 @@ class ReferenceLoopLayer(nn.Module):
             h_i = F.dropout(h, self.dropout, training=self.training)
             result = result + F.linear(h_i, head) * self.scaling * weights[..., i : i + 1]
         return result
-
-
-def saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of distinct storages autograd saves in one forward, not counting x or weights."""
-    excluded = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters(), *layer.buffers()]}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    return sum(storages.values())
 
 
 def median_seconds(layers: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -113,7 +99,8 @@ def main() -> None:
         loop = ReferenceLoopLayer(ours).train()
         t = median_seconds({"base": _Frozen(base), "loop": loop, "input": input_drop, "ours": ours}, x, args.repeats)
         t_base, t_loop, t_input, t_ours = t["base"], t["loop"], t["input"], t["ours"]
-        saved = {name: saved_activation_bytes(m, x) for name, m in [("ours", ours), ("input", input_drop), ("loop", loop)]}
+        saved = {name: saved_activation_bytes(lambda m=m: m(x), [x, *m.parameters(), *m.buffers()])
+                 for name, m in [("ours", ours), ("input", input_drop), ("loop", loop)]}
         print(
             f"| {heads} | {t_base * 1e3:.1f} | {t_loop * 1e3:.1f} | {t_input * 1e3:.1f} | {t_ours * 1e3:.1f} "
             f"| {t_ours / t_base:.3f} | {t_ours / t_loop:.3f} | {(t_ours - t_base) / (t_loop - t_base):.3f} "
