@@ -378,3 +378,12 @@ def test_collator_pads_right_with_mask(tokenizer):
     assert batch["labels"][1, short:].eq(IGNORE_INDEX).all()
     assert batch["attention_mask"].sum(dim=1).tolist() == [long, short]
     assert batch["attention_mask"][1, :short].eq(1).all()
+
+
+def test_collator_pads_to_a_fixed_width(tokenizer):
+    features = [encode_example(tokenizer, Example("q", "a", None), 64)]
+    length = len(features[0]["input_ids"])
+    batch = Collator(tokenizer.pad_token_id, width=32)(features)
+    assert batch["input_ids"].shape == (1, 32) and batch["attention_mask"].sum() == length
+    with pytest.raises(ValueError, match="does not fit"):
+        Collator(tokenizer.pad_token_id, width=length - 1)(features)

@@ -269,6 +269,16 @@ def test_bad_job_bodies_are_422_naming_the_field(client, new_tenant):
     assert client.get("/v1/jobs", headers=headers).json()["data"] == [], "nothing was queued"
 
 
+def test_training_compile_is_a_job_setting(client, new_tenant):
+    headers = new_tenant()
+    file_id = upload(client, headers, dataset()).json()["id"]
+    assert submit_job(client, headers, file_id)["training"]["compile"] == "auto"
+    # Stored with the job: the worker builds the trainer's TrainConfig from job.training.
+    assert submit_job(client, headers, file_id, compile=False)["training"]["compile"] == "off"
+    error = error_of(client.post("/v1/jobs", headers=headers, json=job_body(file_id, compile="sometimes")), 422)
+    assert [d.get("field") for d in error["details"]] == ["training.compile"]
+
+
 def test_idempotency_key_returns_the_same_job(client, new_tenant):
     headers, other = new_tenant(), new_tenant()
     file_id = upload(client, headers, dataset()).json()["id"]

@@ -102,15 +102,21 @@ def _bos_count(tokenizer: Any, ids: Sequence[int]) -> int:
 
 
 class Collator:
-    """Pads a batch of ``encode_example`` outputs to its longest member (right padding)."""
+    """Pads a batch of ``encode_example`` outputs (right padding) to its longest member, or to
+    ``width`` when one is given: compiled layers run at one static shape, where every new
+    length would be a recompilation."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, width: int | None = None):
         self.pad_token_id = pad_token_id
+        self.width = width
 
     def __call__(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("cannot collate an empty batch")
-        width = max(len(feature["input_ids"]) for feature in features)
+        longest = max(len(feature["input_ids"]) for feature in features)
+        if self.width is not None and longest > self.width:
+            raise ValueError(f"an example of {longest} tokens does not fit the batch width {self.width}")
+        width = self.width or longest
         shape = (len(features), width)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)

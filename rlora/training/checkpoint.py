@@ -66,8 +66,10 @@ class TrainState:
 
 def run_fingerprint(config: TrainConfig) -> str:
     """What must match for a checkpoint or a finished run to belong to this run: everything
-    but output_dir."""
-    described = config.model_dump(exclude={"output_dir"})
+    but output_dir and training.compile. Compiling changes how the steps run, not what they
+    compute (within float rounding), so a run may resume with it switched; and runs
+    checkpointed before the setting existed keep their fingerprint."""
+    described = config.model_dump(exclude={"output_dir": True, "training": {"compile"}})
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 

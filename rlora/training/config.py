@@ -40,7 +40,18 @@ class TrainingSettings(BaseModel):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="compile the decoder layers with torch.compile; auto: on CUDA only"
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: Any) -> Any:
+        # YAML reads an unquoted on/off (and true/false) as a boolean: take those as the words.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
     @model_validator(mode="after")
     def _default_length(self) -> "TrainingSettings":

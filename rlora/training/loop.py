@@ -58,6 +58,10 @@ from .limits import context_problem
 ProgressCallback = Callable[["Progress"], None]
 EventCallback = Callable[[str, dict], None]
 
+# torch.compile's backend for training.compile; the CPU tests swap in "aot_eager", which traces
+# the same graphs without inductor's minutes of C++ compilation.
+_COMPILE_BACKEND = "inductor"
+
 
 class TrainingCancelled(Exception):
     """``should_stop`` asked the run to stop; the last checkpoint stays in ``output_dir``."""
@@ -113,7 +117,8 @@ def train(
     model.to(device)
     if settings.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
-    collate = Collator(tokenizer.pad_token_id)
+    compiled = _compile_decoder_layers(model, settings.compile, device)
+    collate = Collator(tokenizer.pad_token_id, width=settings.max_seq_len if compiled else None)
 
     # 2. Data: the mixture, each task's validation set, and the run's length.
     sources = load_mixture(config)
@@ -199,11 +204,18 @@ def train(
             ))
         window_start, window_tokens = time.perf_counter(), 0
 
-    # 6. Evaluate every task, describe the heads, write the adapter and the metrics.
+    # 6. Evaluate every task, describe the heads, write the adapter and the metrics. Compiled
+    # layers run eagerly here: generation changes shape every token and the routing observer
+    # is a Python hook in the layer, recompilations for a pass that runs once.
     model.eval()
-    evaluation = evaluate(model, tokenizer, sources, settings, device, check_stop=lambda: check_stop(" while evaluating"))
-    emit("eval", {"step": state.step, "tasks": evaluation})
-    check_stop(" after evaluating")
+    with torch.compiler.set_stance("force_eager"):
+        evaluation = evaluate(model, tokenizer, sources, settings, device, check_stop=lambda: check_stop(" while evaluating"))
+        emit("eval", {"step": state.step, "tasks": evaluation})
+        check_stop(" after evaluating")
+        routing = (
+            routing_summary(model, eval_batches(tokenizer, sources, settings, device))
+            if config.adapter_config.has_router else None
+        )
     metrics = {
         "run": run_id,
         "base_model": config.base_model,
@@ -211,13 +223,13 @@ def train(
         "train_loss": state.train_loss,
         "eval": evaluation,
         "head_similarity": head_similarity(model),
-        "routing": routing_summary(model, eval_batches(tokenizer, sources, settings, device))
-        if config.adapter_config.has_router else None,
+        "routing": routing,
         "tokens_per_second": state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
         "train_seconds": state.train_seconds,
         "trainable_parameters": trainable_parameters(model),
         "skipped_examples": state.skipped_examples,
         "peak_memory_bytes": _peak_memory(device),
+        "compiled": compiled,
     }
     check_stop(" before saving")
     save(model, output_dir / ADAPTER_DIR, base_model_name=config.base_model)
@@ -272,6 +284,26 @@ def _cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total_steps:
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]  # what a scheduler created past step 0 starts from
     return get_cosine_schedule_with_warmup(optimizer, warmup + 1, total_steps + 1, last_epoch=0)
+
+
+def _compile_decoder_layers(model, setting: str, device: torch.device) -> bool:
+    """Compile each decoder layer in place when ``setting`` asks for it ("auto": on CUDA);
+    returns whether it did.
+
+    Regional compilation: the layers are alike, so dynamo compiles two graphs whatever the
+    depth (the first layer, whose input needs no gradient, and the rest), seconds where a
+    whole-model graph takes minutes. ``nn.Module.compile`` keeps the module tree as it is, so
+    parameter names (checkpoints, the saved adapter) carry no ``_orig_mod.``. Shapes are
+    static (``dynamic=False``): the trainer pads every batch to ``max_seq_len``.
+    """
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return False
+    # A fresh cache per run: a worker trains job after job in one process, and past dynamo's
+    # recompile limit per function a new model or shape would quietly run eager.
+    torch.compiler.reset()
+    for layer in model.get_decoder().layers:
+        layer.compile(backend=_COMPILE_BACKEND, dynamic=False)
+    return True
 
 
 def _enable_gradient_checkpointing(model) -> None:
