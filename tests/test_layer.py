@@ -9,6 +9,7 @@ from torch import nn
 
 from rlora import AdapterConfig
 from rlora.adapter.config import VARIANTS
+from rlora.adapter.fused import FusedAdapter
 from rlora.adapter.layer import RLoRALinear
 
 
@@ -44,7 +45,8 @@ def masks_of(layer, x, seed):
     """The masks the layer's forward pass draws after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     if layer.multi_head_dropout:
-        return layer.head_dropout_mask(torch.empty(*x.shape[:-1], layer.rank, dtype=x.dtype)), None
+        keep = 1.0 - layer.dropout
+        return torch.empty(*x.shape[:-1], layer.heads, layer.rank).bernoulli_(keep).div_(keep), None
     return None, F.dropout(torch.ones_like(x), layer.dropout, training=True)
 
 
@@ -209,3 +211,135 @@ def test_zero_head_methods_have_no_correction_and_kaiming_a():
 def test_rank_stabilized_scaling():
     assert AdapterConfig(rank=16, alpha=32).scaling == 2.0
     assert AdapterConfig(rank=16, alpha=32, rank_stabilized=True).scaling == 8.0
+
+
+# --- The fused autograd function against the layer as it was before it (autograd through
+# plain ops), with the same masks: the RNG draws are the same calls in the same order.
+
+
+def unfused_forward(layer, x):
+    """The layer's forward before `FusedAdapter`, verbatim: autograd saves what it saves."""
+    result = layer.base_layer(x)
+    r, n = layer.rank, layer.heads
+    p = layer.dropout if layer.training else 0.0
+    input_dropout = p > 0 and not layer.multi_head_dropout
+    reads_x = [layer.lora_A] if not input_dropout else []
+    if layer.router is not None:
+        reads_x.append(layer.router)
+    if layer.has_correction:
+        reads_x.append(layer.lora_A0)
+    z = F.linear(x, torch.cat(reads_x)) if reads_x else None
+    if input_dropout:
+        h = F.linear(F.dropout(x, p, training=True), layer.lora_A)
+    else:
+        h, z = z[..., :r], z[..., r:]
+    heads = h.unsqueeze(-2)
+    if p > 0 and layer.multi_head_dropout:
+        keep = 1.0 - layer.dropout
+        heads = heads * torch.empty(*h.shape[:-1], n, r).bernoulli_(keep).div_(keep)
+    if layer.router is not None:
+        heads = heads * torch.softmax(z[..., :n].float(), dim=-1).unsqueeze(-1)
+    stacked = heads.expand(*h.shape[:-1], n, r).reshape(*h.shape[:-1], n * r)
+    writes = layer.lora_B.permute(1, 0, 2).reshape(layer.out_features, n * r)
+    if layer.has_correction:
+        stacked = torch.cat([stacked, z[..., -r:]], dim=-1)
+        writes = torch.cat([writes, -layer.lora_B0], dim=1)
+    flat = result.reshape(-1, layer.out_features)
+    out = torch.addmm(flat, stacked.reshape(-1, stacked.shape[-1]), (writes * layer.scaling).T)
+    return out.view(result.shape)
+
+
+def assert_close_to_magnitude(got, want, tolerance=1e-5):
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_function_equals_the_unfused_layer_float32(variant, training):
+    layer = make_layer(variant, d_in=40, d_out=36, dropout=0.4).train(training)
+    x = torch.randn(3, 11, 40, requires_grad=True)
+    torch.manual_seed(5)
+    fused = layer(x)
+    after_fused = torch.rand(4)
+    torch.manual_seed(5)
+    unfused = unfused_forward(layer, x)
+    # The same draws, and no more: a resumed run replays the RNG exactly.
+    assert torch.equal(torch.rand(4), after_fused)
+    assert_close_to_magnitude(fused, unfused)
+    for got, want in zip(grads(layer, fused, x), grads(layer, unfused, x)):
+        assert_close_to_magnitude(got, want)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_function_gradcheck_float64(variant):
+    layer = make_layer(variant, d_in=7, d_out=6, rank=2, dropout=0.5).double()
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    base_out = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    input_keep = head_keep = None
+    if layer.multi_head_dropout:
+        head_keep = torch.rand(2, 3, layer.heads, 2) > 0.5
+    else:
+        input_keep = torch.rand(2, 3, 7) > 0.5
+
+    def delta(x, base_out, lora_A, lora_B, *router):
+        return FusedAdapter.apply(
+            x, base_out, lora_A, lora_B, router[0] if router else None, layer.lora_A0, layer.lora_B0,
+            input_keep, head_keep, 0.5, layer.scaling, torch.float64,
+        )[0]
+
+    params = [layer.lora_A, layer.lora_B] + ([layer.router] if layer.router is not None else [])
+    assert torch.autograd.gradcheck(delta, (x, base_out, *params))
+
+
+def test_routing_observer_sees_the_router_softmax():
+    layer = make_layer("rlora").train()
+    seen = []
+    layer.routing_observer = lambda observed_layer, weights: seen.append((observed_layer, weights))
+    x = torch.randn(2, 5, 24)
+    layer(x).sum().backward()
+    (observed_layer, weights), = seen
+    assert observed_layer is layer and not weights.requires_grad
+    torch.testing.assert_close(weights, torch.softmax(x @ layer.router.detach().T, -1))
+
+
+def saved_bytes(layer, x):
+    """Bytes of the distinct storages autograd saves in one forward, apart from x, the
+    parameters and buffers: (per-token activations, per-forward weight copies)."""
+    excluded = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters(), *layer.buffers()]}
+    activations, weights = {}, {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            per_token = tensor.dim() > 0 and tensor.shape[0] == x.shape[0]  # x is (tokens, d)
+            (activations if per_token else weights)[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(activations.values()), sum(weights.values())
+
+
+def test_saved_activations_grow_with_heads_only_by_router_weights_and_masks():
+    """Per token, rlora saves h (r floats), the router weights (N floats) and the multi-head
+    masks (N*r bools): from N=3 to N=8 at rank r that is at most tokens * 5 * 4 bytes of router
+    weights plus tokens * 5 * r bytes of masks more, never the (tokens, N*r) intermediate."""
+    d, rank, tokens = 64, 4, 128
+    x = torch.randn(tokens, d, requires_grad=True)
+    saved = {}
+    for heads in (3, 8):
+        layer = RLoRALinear(nn.Linear(d, d), AdapterConfig(heads=heads, rank=rank), torch.Generator().manual_seed(0))
+        saved[heads] = saved_bytes(layer.train(), x)
+    (activations3, weight_copies3), (activations8, weight_copies8) = saved[3], saved[8]
+    assert activations3 == tokens * (4 * rank + 4 * 3 + 3 * rank)
+    assert activations8 - activations3 <= tokens * (8 - 3) * 4 + tokens * (8 - 3) * rank
+    # The weights cast once per forward and kept for backward: the new heads' rows and columns.
+    assert weight_copies8 - weight_copies3 <= (8 - 3) * (d + rank * d) * 4
+
+
+def test_input_dropout_saves_a_bool_mask_not_the_dropped_input():
+    d, tokens = 64, 128
+    x = torch.randn(tokens, d, requires_grad=True)
+    layer = make_layer("hydralora", d_in=d, d_out=d).train()
+    activations, _ = saved_bytes(layer, x)
+    assert activations == tokens * (4 * layer.rank + 4 * layer.heads + d)

@@ -3,8 +3,8 @@
 One class serves every method of the paper and both ablations; `AdapterConfig` decides which
 parts exist (router, frozen init correction) and where dropout goes (on the input, or per head
 on the rank-r intermediate). docs/design.md section 1 gives the formulas; the forward pass below is
-the fused form: one matmul for everything that reads ``x``, one for everything that writes the
-output, no loop over heads.
+the fused form (`FusedAdapter`): one matmul for everything that reads ``x``, one for everything
+that writes the output, no loop over heads, and a backward that saves only rank-r tensors.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig
+from .fused import FusedAdapter
 
 RoutingObserver = Callable[["RLoRALinear", torch.Tensor], None]
 
@@ -72,57 +72,28 @@ class RLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.dtype)
-        r, n = self.rank, self.heads
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else self.lora_A.dtype
         p = self.dropout if self.training else 0.0
 
-        # 1. Everything that reads x, in one matmul: z = [A; W_r; A0] x. With input dropout
-        #    (lora, hydralora, rlora without MD) A reads the dropped x and needs its own matmul;
-        #    the router and the correction always read the undropped x.
-        input_dropout = p > 0 and not self.multi_head_dropout
-        reads_x = [self.lora_A] if not input_dropout else []
-        if self.router is not None:
-            reads_x.append(self.router)
-        if self.has_correction:
-            reads_x.append(self.lora_A0)
-        z = F.linear(x, torch.cat(reads_x)) if reads_x else None
-        if input_dropout:
-            h = F.linear(F.dropout(x, p, training=True), self.lora_A)
-        else:
-            h, z = z[..., :r], z[..., r:]
+        # Dropout keep masks: per head on the rank-r intermediate for rlora, on the input for
+        # lora, hydralora and rlora without MD. One draw per forward in a fixed order, so a
+        # resumed run replays them from the saved RNG state; on the CPU they are the very draws
+        # of F.dropout. Bool, so backward keeps a byte per entry.
+        input_keep = head_keep = None
+        if p > 0:
+            mask_shape = (*x.shape[:-1], self.heads, self.rank) if self.multi_head_dropout else x.shape
+            keep = torch.empty(mask_shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+            input_keep, head_keep = (None, keep) if self.multi_head_dropout else (keep, None)
 
-        # 2. Per-head intermediates H_i = w_i * m_i * h, laid side by side: (..., N*r).
-        heads = h.unsqueeze(-2)  # (..., 1, r), broadcast over heads
-        if p > 0 and self.multi_head_dropout:
-            heads = heads * self.head_dropout_mask(h)
-        if self.router is not None:
-            weights = torch.softmax(z[..., :n].float(), dim=-1).to(h.dtype)
-            if self.routing_observer is not None:
-                self.routing_observer(self, weights.detach())
-            heads = heads * weights.unsqueeze(-1)
-        stacked = heads.expand(*h.shape[:-1], n, r).reshape(*h.shape[:-1], n * r)
-
-        # 3. Everything that writes the output, in one matmul: s * [B_1 .. B_N | -B0] [H; h0].
-        writes = self.lora_B.permute(1, 0, 2).reshape(self.out_features, n * r)
-        if self.has_correction:
-            stacked = torch.cat([stacked, z[..., -r:].to(stacked.dtype)], dim=-1)
-            writes = torch.cat([writes, -self.lora_B0], dim=1)
-        # addmm adds into the base output in the same BLAS call: no full-width temporary.
-        flat = result.reshape(-1, self.out_features)
-        delta_in = stacked.reshape(-1, stacked.shape[-1]).to(flat.dtype)
-        out = torch.addmm(flat, delta_in, (writes * self.scaling).to(flat.dtype).T)
-        return out.view(result.shape)
-
-    def head_dropout_mask(self, h: torch.Tensor) -> torch.Tensor:
-        """Independent inverted-dropout masks for every head and token, in one draw: (..., N, r).
-
-        Float32 whatever ``h`` is: 1/(1-p) is rarely a bfloat16 number (1/0.9 would become
-        1.109), and a mask that is systematically low would shrink the adapter in training
-        against eval."""
-        keep = 1.0 - self.dropout
-        mask = torch.empty(*h.shape[:-1], self.heads, self.rank, dtype=torch.float32, device=h.device)
-        return mask.bernoulli_(keep).div_(keep)
+        out, weights = FusedAdapter.apply(
+            x, result, self.lora_A, self.lora_B, self.router, self.lora_A0, self.lora_B0,
+            input_keep, head_keep, 1.0 - p, self.scaling, compute_dtype,
+        )
+        if self.routing_observer is not None and weights is not None:
+            self.routing_observer(self, weights.to(compute_dtype).view(*x.shape[:-1], self.heads))
+        return out
 
     def extra_repr(self) -> str:
         return (

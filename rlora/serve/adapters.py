@@ -8,7 +8,7 @@ An adapted layer in eval mode (no dropout) computes, with ``z = [A; W_r; A0] x``
 
 so each layer is held as two matrices: ``reads`` (r + N_router + r0, d_in) and ``writes``
 (d_out, N*r + r0), exactly the tensors of the adapter file (their bytes are the adapter's own
-size), in the order `RLoRALinear.forward` concatenates them.
+size), packed by `rlora.adapter.fused` as `RLoRALinear` packs them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from ..adapter.inject import is_target
 from ..adapter.config import AdapterConfig, AdapterConfigError
 from ..adapter.folder import WEIGHTS_FILE, AdapterMismatchError, check_base_model, is_adapter_folder, read_adapter_config
+from ..adapter.fused import pack_reads, pack_writes
 
 
 class AdapterTooLarge(ValueError):
@@ -75,20 +76,16 @@ def pack_layer(
     scaling: float,
     out_dtype: torch.dtype | None = None,
 ) -> PackedLayer:
-    """The packed eval-mode form of one layer's adapter tensors (names as in the file format)."""
-    heads, d_out, rank = lora_B.shape
-    reads = [lora_A] + ([router] if router is not None else []) + ([lora_A0] if lora_A0 is not None else [])
-    writes = lora_B.permute(1, 0, 2).reshape(d_out, heads * rank)
-    if lora_B0 is not None:
-        writes = torch.cat([writes, -lora_B0], dim=1)
-    writes = writes * scaling
+    """The packed eval-mode form of one layer's adapter tensors (names as in the file format),
+    packed as `RLoRALinear` packs them."""
+    heads, _, rank = lora_B.shape
     return PackedLayer(
         rank=rank,
         heads=heads,
         has_router=router is not None,
         correction_rank=0 if lora_A0 is None else lora_A0.shape[0],
-        reads=torch.cat(reads).contiguous(),
-        writes=writes.to(out_dtype or writes.dtype).contiguous(),
+        reads=pack_reads(lora_A, router, lora_A0, lora_A.dtype),
+        writes=pack_writes(lora_B, lora_B0, scaling, out_dtype or lora_B.dtype),
     )
 
 

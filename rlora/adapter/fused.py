@@ -1,0 +1,177 @@
+"""The adapter delta of `RLoRALinear` as one autograd function: two matmuls forward, a few back.
+
+Per token, with ``s`` the scaling, ``q = 1 - p`` the keep probability, ``K`` (bool) the input
+dropout mask, ``K_i`` (bool, per head) the multi-head dropout masks and ``M_i = K_i / q``:
+
+    x_d  = x * K / q  (input dropout)  or  x
+    z    = [A; W_r; A0] x       (A reads x_d instead when there is input dropout)
+    h, logits, h0 = split(z)
+    w    = softmax(logits)                      float32; w = 1 when there is no router
+    H_i  = w_i * (M_i * h)                       (N, r) per token, never saved
+    y    = base + [s B_1 .. s B_N | -s B0] [H; h0]
+
+Backward, from the output gradient ``g`` (T, d_out), saving only ``h`` (T, r), ``w`` (T, N),
+the bool masks, the layer input ``x`` (which computing grad A needs anyway) and the weights as
+packed and cast for the forward (weight-sized, so backward casts nothing again):
+
+    [G_1 .. G_N | dh0] = g [s B_1 .. s B_N | -s B0]          one matmul
+    grad B_i  = s g^T H_i                                     one matmul, H rebuilt from h, M, w
+    dw_i      = <G_i, M_i * h>                                per token
+    dlogits   = w * (dw - sum_j w_j dw_j)                     softmax backward
+    dh        = sum_i w_i M_i * G_i
+    grad [A; W_r] = [dh | dlogits]^T x                        one matmul (two with input dropout:
+                                                              grad A = dh^T x_d)
+    grad x    = [dh | dlogits | dh0] [A; W_r; A0]             one matmul (with input dropout,
+                                                              grad x = (dh A) * K / q + ...)
+
+A0 and B0 are frozen: no gradient. The base layer keeps its own autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack_reads(lora_A, router, lora_A0, dtype: torch.dtype) -> torch.Tensor:
+    """``[A; W_r; A0]`` (the rows that read x) in ``dtype``. The concatenation is the cast's own
+    copy (one kernel): a cast per part would cost more kernels, and a matmul per part would
+    read x once per part."""
+    parts = [t for t in (lora_A, router, lora_A0) if t is not None]
+    packed = torch.empty(sum(t.shape[0] for t in parts), lora_A.shape[1], dtype=dtype, device=lora_A.device)
+    return torch.cat(parts, out=packed)
+
+
+def pack_writes(lora_B, lora_B0, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """``s [B_1 .. B_N | -B0]`` (the columns that write the output) in ``dtype``, scaled and
+    cast in one pass per part. Training, eval and serving all pack with it, so they round alike."""
+    heads, d_out, rank = lora_B.shape
+    correction_rank = 0 if lora_B0 is None else lora_B0.shape[1]
+    writes = torch.empty(d_out, heads * rank + correction_rank, dtype=dtype, device=lora_B.device)
+    torch.mul(lora_B.permute(1, 0, 2), scaling, out=writes[:, : heads * rank].view(d_out, heads, rank))
+    if lora_B0 is not None:
+        torch.mul(lora_B0, -scaling, out=writes[:, heads * rank :])
+    return writes
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 or wider: the per-token rank-r arithmetic (masks, softmax and its
+    backward) is cheap, and bfloat16 would round 1/(1-p) (1/0.9 to 1.109), systematically
+    shrinking the adapter in training against eval."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _dropped(t: torch.Tensor, keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
+    """Inverted dropout of the rank-r ``t`` with a given bool mask (broadcast); ``t`` itself
+    without one."""
+    return t if keep is None else t.mul(keep).mul_(keep_scale)
+
+
+class FusedAdapter(torch.autograd.Function):
+    """``base + delta`` for one adapted layer; see the module docstring for the formulas.
+
+    Returns the output and the router weights (T, N) in float32 (None without a router), the
+    latter for the routing observer and not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base_out, lora_A, lora_B, router, lora_A0, lora_B0, input_keep, head_keep,
+                keep_prob: float, scaling: float, compute_dtype: torch.dtype):
+        d_in, d_out = x.shape[-1], base_out.shape[-1]
+        heads, rank = lora_B.shape[0], lora_B.shape[2]
+        keep_scale = 1.0 / keep_prob
+        x2 = x.reshape(-1, d_in).to(compute_dtype)
+        input_keep2 = None if input_keep is None else input_keep.reshape(-1, d_in)
+        head_keep2 = None if head_keep is None else head_keep.reshape(-1, heads, rank)
+        reads = pack_reads(lora_A, router, lora_A0, compute_dtype)
+        writes = pack_writes(lora_B, lora_B0, scaling, base_out.dtype)
+
+        # Everything that reads x in one matmul; with input dropout A reads x_d in its own.
+        if input_keep2 is None:
+            z = x2 @ reads.T
+            # h is saved: its own storage, or the router's and correction's columns would be too.
+            h, rest = z[:, :rank].contiguous(), z[:, rank:]
+        else:
+            # x_d A^T = ((x * K) A^T) / q: the 1/q goes on the rank-r side, a full-width pass less.
+            h = (x2.mul(input_keep2) @ reads[:rank].T).mul_(keep_scale)
+            rest = x2 @ reads[rank:].T if reads.shape[0] > rank else None
+
+        stacked = _dropped(_wide(h).unsqueeze(1).expand(-1, heads, -1), head_keep2, keep_scale)  # M_i * h
+        weights = None
+        if router is not None:
+            weights = torch.softmax(_wide(rest[:, :heads]), dim=-1)
+            stacked = stacked * weights.unsqueeze(-1)
+        # [H; h0] written in place in the output matmul's dtype: one cast, no concatenation.
+        delta_in = torch.empty(x2.shape[0], writes.shape[1], dtype=base_out.dtype, device=x.device)
+        delta_in[:, : heads * rank] = stacked.flatten(1)
+        if lora_A0 is not None:
+            delta_in[:, heads * rank :] = rest[:, -rank:]
+        # addmm adds into the base output in the same BLAS call: no full-width temporary.
+        out = torch.addmm(base_out.reshape(-1, d_out), delta_in, writes.T)
+
+        ctx.save_for_backward(x, h, weights, input_keep2, head_keep2, reads, writes)
+        ctx.keep_scale, ctx.scaling, ctx.heads, ctx.rank = keep_scale, scaling, heads, rank
+        ctx.param_dtype = lora_A.dtype
+        if weights is not None:
+            ctx.mark_non_differentiable(weights)
+        return out.view(base_out.shape), weights
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_weights):
+        x, h, weights, input_keep2, head_keep2, reads, writes = ctx.saved_tensors
+        heads, rank, keep_scale, param_dtype = ctx.heads, ctx.rank, ctx.keep_scale, ctx.param_dtype
+        needs_x, _, needs_A, needs_B, needs_router = ctx.needs_input_grad[:5]
+        routed = weights is not None
+        trained_rows = rank + (heads if routed else 0)  # rows of `reads` with a gradient; A0 is frozen
+        d_in, d_out = x.shape[-1], grad_out.shape[-1]
+        g = grad_out.reshape(-1, d_out)
+
+        d_delta_in = _wide(g @ writes)  # [G_1 .. G_N | dh0]
+        grad_heads = d_delta_in[:, : heads * rank].view(-1, heads, rank)
+        masked = _dropped(_wide(h).unsqueeze(1).expand(-1, heads, -1), head_keep2, keep_scale)  # M_i * h
+        stacked, weighted_grads = masked, grad_heads
+        if routed:
+            d_weights = (grad_heads * masked).sum(-1)
+            d_logits = weights * (d_weights - (weights * d_weights).sum(-1, keepdim=True))
+            stacked, weighted_grads = masked * weights.unsqueeze(-1), grad_heads * weights.unsqueeze(-1)
+        d_h = _dropped(weighted_grads, head_keep2, keep_scale).sum(1)
+
+        grad_B = None
+        if needs_B:
+            # H^T g rather than g^T H: the same numbers, and the layout BLAS does fast on the CPU.
+            grad_writes_t = _wide(stacked.flatten(1).to(g.dtype).T @ g) * ctx.scaling  # (N*r, d_out)
+            grad_B = grad_writes_t.view(heads, rank, d_out).transpose(1, 2).to(param_dtype, memory_format=torch.contiguous_format)
+
+        # dz in the column order of `reads`: [dh | dlogits | dh0]. With input dropout dh carries
+        # the 1/q of x_d = x * K / q into grad A and grad x, as h did in the forward.
+        d_z = torch.empty(g.shape[0], reads.shape[0], dtype=reads.dtype, device=g.device)
+        d_z[:, :rank] = d_h if input_keep2 is None else d_h * keep_scale
+        if routed:
+            d_z[:, rank:trained_rows] = d_logits
+        d_z[:, trained_rows:] = d_delta_in[:, heads * rank :]
+
+        grad_A = grad_router = grad_x = None
+        if needs_A or needs_router:
+            x2 = x.reshape(-1, d_in).to(reads.dtype)
+        if needs_x:
+            # Written into a tensor of x's shape, not a view of one: the autograd engine adds
+            # the base layer's gradient into it in place, and a view would cost a copy.
+            grad_x = torch.empty(x.shape, dtype=reads.dtype, device=x.device)
+            grad_x2 = grad_x.view(-1, d_in)
+        if input_keep2 is None:
+            if needs_A or needs_router:
+                grad_trained = (d_z[:, :trained_rows].T @ x2).to(param_dtype)
+                grad_A, grad_router = grad_trained[:rank], grad_trained[rank:] if routed else None
+            if needs_x:
+                torch.mm(d_z, reads, out=grad_x2)
+        else:
+            if needs_A:
+                grad_A = (d_z[:, :rank].T @ x2.mul(input_keep2)).to(param_dtype)
+            if needs_router:
+                grad_router = (d_z[:, rank:trained_rows].T @ x2).to(param_dtype)
+            if needs_x:
+                torch.mm(d_z[:, :rank], reads[:rank], out=grad_x2).mul_(input_keep2)
+                if reads.shape[0] > rank:
+                    grad_x2.addmm_(d_z[:, rank:], reads[rank:])
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_out, grad_A, grad_B, grad_router, None, None, None, None, None, None, None
