@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-import torch
 from adapters_support import perturbed_adapters
 from safetensors.torch import load_file, save_file
 
