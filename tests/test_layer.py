@@ -275,20 +275,23 @@ def test_fused_function_gradcheck_float64(variant):
     layer = make_layer(variant, d_in=7, d_out=6, rank=2, dropout=0.5).double()
     x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     base_out = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    input_keep = head_keep = None
-    if layer.multi_head_dropout:
-        head_keep = torch.rand(2, 3, layer.heads, 2) > 0.5
-    else:
-        input_keep = torch.rand(2, 3, 7) > 0.5
+    head_keep = torch.rand(2, 3, layer.heads, 2) > 0.5 if layer.multi_head_dropout else None
+    # Input dropout happens before the function (torch.native_dropout): it gets the dropped input apart,
+    # here an independent tensor so that both of its gradients are checked.
+    x_dropped = None if layer.multi_head_dropout else torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
 
-    def delta(x, base_out, lora_A, lora_B, *router):
+    def delta(x, base_out, lora_A, lora_B, *rest):
+        dropped = rest[0] if x_dropped is not None else None
+        router = rest[-1] if layer.router is not None else None
         return FusedAdapter.apply(
-            x, base_out, lora_A, lora_B, router[0] if router else None, layer.lora_A0, layer.lora_B0,
-            input_keep, head_keep, 0.5, layer.scaling, torch.float64,
+            x, dropped, base_out, lora_A, lora_B, router, layer.lora_A0, layer.lora_B0,
+            head_keep, 0.5, layer.scaling, torch.float64,
         )[0]
 
-    params = [layer.lora_A, layer.lora_B] + ([layer.router] if layer.router is not None else [])
-    assert torch.autograd.gradcheck(delta, (x, base_out, *params))
+    inputs = [x, base_out, layer.lora_A, layer.lora_B]
+    inputs += [x_dropped] if x_dropped is not None else []
+    inputs += [layer.router] if layer.router is not None else []
+    assert torch.autograd.gradcheck(delta, tuple(inputs))
 
 
 def test_routing_observer_sees_the_router_softmax():
@@ -337,9 +340,13 @@ def test_saved_activations_grow_with_heads_only_by_router_weights_and_masks():
     assert weight_copies8 - weight_copies3 <= (8 - 3) * (d + rank * d) * 4
 
 
-def test_input_dropout_saves_a_bool_mask_not_the_dropped_input():
-    d, tokens = 64, 128
+@pytest.mark.parametrize("heads", [3, 8])
+def test_input_dropout_saves_the_dropped_input_once_whatever_the_heads(heads):
+    """Dropout's bool mask (d bytes a token) and the dropped input (4d), h (4r) and the
+    router weights (4N): never a copy of the input per head, as the reference loop keeps."""
+    d, rank, tokens = 64, 4, 128
     x = torch.randn(tokens, d, requires_grad=True)
-    layer = make_layer("hydralora", d_in=d, d_out=d).train()
+    config = AdapterConfig(method="hydralora", heads=heads, rank=rank, dropout=0.2)
+    layer = RLoRALinear(nn.Linear(d, d), config, torch.Generator().manual_seed(0)).train()
     activations, _ = saved_bytes(layer, x)
-    assert activations == tokens * (4 * layer.rank + 4 * layer.heads + d)
+    assert activations == tokens * (d + 4 * d + 4 * rank + 4 * heads)

@@ -1,9 +1,9 @@
 """The adapter delta of `RLoRALinear` as one autograd function: two matmuls forward, a few back.
 
-Per token, with ``s`` the scaling, ``q = 1 - p`` the keep probability, ``K`` (bool) the input
-dropout mask, ``K_i`` (bool, per head) the multi-head dropout masks and ``M_i = K_i / q``:
+Per token, with ``s`` the scaling, ``q = 1 - p`` the keep probability, ``K_i`` (bool, per
+head) the multi-head dropout masks, ``M_i = K_i / q``, and ``x_d`` the input after input dropout
+(the caller's `torch.native_dropout`, whose mask and backward are autograd's own fused kernels):
 
-    x_d  = x * K / q  (input dropout)  or  x
     z    = [A; W_r; A0] x       (A reads x_d instead when there is input dropout)
     h, logits, h0 = split(z)
     w    = softmax(logits)                      float32; w = 1 when there is no router
@@ -22,7 +22,8 @@ packed and cast for the forward (weight-sized, so backward casts nothing again):
     grad [A; W_r] = [dh | dlogits]^T x                        one matmul (two with input dropout:
                                                               grad A = dh^T x_d)
     grad x    = [dh | dlogits | dh0] [A; W_r; A0]             one matmul (with input dropout,
-                                                              grad x = (dh A) * K / q + ...)
+                                                              grad x_d = dh A apart: autograd's
+                                                              dropout backward takes it to x)
 
 A0 and B0 are frozen: no gradient. The base layer keeps its own autograd.
 """
@@ -74,25 +75,24 @@ class FusedAdapter(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, base_out, lora_A, lora_B, router, lora_A0, lora_B0, input_keep, head_keep,
+    def forward(ctx, x, x_dropped, base_out, lora_A, lora_B, router, lora_A0, lora_B0, head_keep,
                 keep_prob: float, scaling: float, compute_dtype: torch.dtype):
         d_in, d_out = x.shape[-1], base_out.shape[-1]
         heads, rank = lora_B.shape[0], lora_B.shape[2]
         keep_scale = 1.0 / keep_prob
         x2 = x.reshape(-1, d_in).to(compute_dtype)
-        input_keep2 = None if input_keep is None else input_keep.reshape(-1, d_in)
+        dropped2 = None if x_dropped is None else x_dropped.reshape(-1, d_in).to(compute_dtype)
         head_keep2 = None if head_keep is None else head_keep.reshape(-1, heads, rank)
         reads = pack_reads(lora_A, router, lora_A0, compute_dtype)
         writes = pack_writes(lora_B, lora_B0, scaling, base_out.dtype)
 
         # Everything that reads x in one matmul; with input dropout A reads x_d in its own.
-        if input_keep2 is None:
+        if dropped2 is None:
             z = x2 @ reads.T
             # h is saved: its own storage, or the router's and correction's columns would be too.
             h, rest = z[:, :rank].contiguous(), z[:, rank:]
         else:
-            # x_d A^T = ((x * K) A^T) / q: the 1/q goes on the rank-r side, a full-width pass less.
-            h = (x2.mul(input_keep2) @ reads[:rank].T).mul_(keep_scale)
+            h = dropped2 @ reads[:rank].T
             rest = x2 @ reads[rank:].T if reads.shape[0] > rank else None
 
         stacked = _dropped(_wide(h).unsqueeze(1).expand(-1, heads, -1), head_keep2, keep_scale)  # M_i * h
@@ -108,18 +108,21 @@ class FusedAdapter(torch.autograd.Function):
         # addmm adds into the base output in the same BLAS call: no full-width temporary.
         out = torch.addmm(base_out.reshape(-1, d_out), delta_in, writes.T)
 
-        ctx.save_for_backward(x, h, weights, input_keep2, head_keep2, reads, writes)
+        # The dropped input is saved once (in the compute dtype), whatever the number of heads:
+        # grad A needs it, and recomputing it in backward cost more on an H200 than keeping it.
+        ctx.save_for_backward(x, dropped2, h, weights, head_keep2, reads, writes)
         ctx.keep_scale, ctx.scaling, ctx.heads, ctx.rank = keep_scale, scaling, heads, rank
         ctx.param_dtype = lora_A.dtype
+        ctx.dropped_dtype = None if x_dropped is None else x_dropped.dtype
         if weights is not None:
             ctx.mark_non_differentiable(weights)
         return out.view(base_out.shape), weights
 
     @staticmethod
     def backward(ctx, grad_out, _grad_weights):
-        x, h, weights, input_keep2, head_keep2, reads, writes = ctx.saved_tensors
+        x, dropped2, h, weights, head_keep2, reads, writes = ctx.saved_tensors
         heads, rank, keep_scale, param_dtype = ctx.heads, ctx.rank, ctx.keep_scale, ctx.param_dtype
-        needs_x, _, needs_A, needs_B, needs_router = ctx.needs_input_grad[:5]
+        needs_x, needs_dropped, _, needs_A, needs_B, needs_router = ctx.needs_input_grad[:6]
         routed = weights is not None
         trained_rows = rank + (heads if routed else 0)  # rows of `reads` with a gradient; A0 is frozen
         d_in, d_out = x.shape[-1], grad_out.shape[-1]
@@ -141,37 +144,34 @@ class FusedAdapter(torch.autograd.Function):
             grad_writes_t = _wide(stacked.flatten(1).to(g.dtype).T @ g) * ctx.scaling  # (N*r, d_out)
             grad_B = grad_writes_t.view(heads, rank, d_out).transpose(1, 2).to(param_dtype, memory_format=torch.contiguous_format)
 
-        # dz in the column order of `reads`: [dh | dlogits | dh0]. With input dropout dh carries
-        # the 1/q of x_d = x * K / q into grad A and grad x, as h did in the forward.
+        # dz in the column order of `reads`: [dh | dlogits | dh0].
         d_z = torch.empty(g.shape[0], reads.shape[0], dtype=reads.dtype, device=g.device)
-        d_z[:, :rank] = d_h if input_keep2 is None else d_h * keep_scale
+        d_z[:, :rank] = d_h
         if routed:
             d_z[:, rank:trained_rows] = d_logits
         d_z[:, trained_rows:] = d_delta_in[:, heads * rank :]
 
-        grad_A = grad_router = grad_x = None
-        if needs_A or needs_router:
-            x2 = x.reshape(-1, d_in).to(reads.dtype)
-        if needs_x:
+        grad_A = grad_router = grad_x = grad_dropped = None
+        x2 = x.reshape(-1, d_in).to(reads.dtype) if needs_A or needs_router else None
+        if needs_x and (dropped2 is None or reads.shape[0] > rank):
             # Written into a tensor of x's shape, not a view of one: the autograd engine adds
             # the base layer's gradient into it in place, and a view would cost a copy.
             grad_x = torch.empty(x.shape, dtype=reads.dtype, device=x.device)
-            grad_x2 = grad_x.view(-1, d_in)
-        if input_keep2 is None:
+        if dropped2 is None:
             if needs_A or needs_router:
                 grad_trained = (d_z[:, :trained_rows].T @ x2).to(param_dtype)
                 grad_A, grad_router = grad_trained[:rank], grad_trained[rank:] if routed else None
-            if needs_x:
-                torch.mm(d_z, reads, out=grad_x2)
+            if grad_x is not None:
+                torch.mm(d_z, reads, out=grad_x.view(-1, d_in))
         else:
             if needs_A:
-                grad_A = (d_z[:, :rank].T @ x2.mul(input_keep2)).to(param_dtype)
+                grad_A = (d_z[:, :rank].T @ dropped2).to(param_dtype)
             if needs_router:
                 grad_router = (d_z[:, rank:trained_rows].T @ x2).to(param_dtype)
-            if needs_x:
-                torch.mm(d_z[:, :rank], reads[:rank], out=grad_x2).mul_(input_keep2)
-                if reads.shape[0] > rank:
-                    grad_x2.addmm_(d_z[:, rank:], reads[rank:])
+            if needs_dropped:
+                grad_dropped = (d_z[:, :rank] @ reads[:rank]).view(x.shape).to(ctx.dropped_dtype)
+            if grad_x is not None:  # the router and the correction read x itself
+                torch.mm(d_z[:, rank:], reads[rank:], out=grad_x.view(-1, d_in))
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_out, grad_A, grad_B, grad_router, None, None, None, None, None, None, None
+        return grad_x, grad_dropped, grad_out, grad_A, grad_B, grad_router, None, None, None, None, None, None

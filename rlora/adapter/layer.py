@@ -77,19 +77,19 @@ class RLoRALinear(nn.Module):
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else self.lora_A.dtype
         p = self.dropout if self.training else 0.0
 
-        # Dropout keep masks: per head on the rank-r intermediate for rlora, on the input for
-        # lora, hydralora and rlora without MD. One draw per forward in a fixed order, so a
-        # resumed run replays them from the saved RNG state; on the CPU they are the very draws
-        # of F.dropout. Bool, so backward keeps a byte per entry.
-        input_keep = head_keep = None
-        if p > 0:
-            mask_shape = (*x.shape[:-1], self.heads, self.rank) if self.multi_head_dropout else x.shape
-            keep = torch.empty(mask_shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-            input_keep, head_keep = (None, keep) if self.multi_head_dropout else (keep, None)
+        # Dropout: per head on the rank-r intermediate for rlora (bool keep masks, a byte per
+        # entry kept for backward), on the input for lora, hydralora and rlora without MD
+        # (dropout's own fused kernel each way, keeping a bool mask on every device). One draw
+        # per forward in a fixed order, so a resumed run replays them from the saved RNG state.
+        x_dropped = head_keep = None
+        if p > 0 and self.multi_head_dropout:
+            head_keep = torch.empty((*x.shape[:-1], self.heads, self.rank), dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+        elif p > 0:
+            x_dropped, _ = torch.native_dropout(x, p, True)
 
         out, weights = FusedAdapter.apply(
-            x, result, self.lora_A, self.lora_B, self.router, self.lora_A0, self.lora_B0,
-            input_keep, head_keep, 1.0 - p, self.scaling, compute_dtype,
+            x, x_dropped, result, self.lora_A, self.lora_B, self.router, self.lora_A0, self.lora_B0,
+            head_keep, 1.0 - p, self.scaling, compute_dtype,
         )
         if self.routing_observer is not None and weights is not None:
             self.routing_observer(self, weights.to(compute_dtype).view(*x.shape[:-1], self.heads))
