@@ -7,6 +7,7 @@ makes its own tenants, and every query is tenant-scoped, so tests share one data
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -18,6 +19,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -28,17 +30,58 @@ REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ["sqlite", "postgresql"]
 
 
+# Services the tests found nobody listening at, by name: each skips its tests with this
+# reason, and the session ends with one line per service (pytest_terminal_summary).
+_UNREACHABLE: dict[str, str] = {}
+
+
+@functools.cache
+def _unreachable(name: str, url: str, default_port: int) -> str | None:
+    """Why nothing listens at ``url``'s host and port (None: something does). Only a server
+    that is not there skips its tests; one that is there but refuses us fails them."""
+    parts = urlsplit(url)
+    address = (parts.hostname or "127.0.0.1", parts.port or default_port)
+    try:
+        socket.create_connection(address, timeout=3).close()
+    except OSError as err:
+        _UNREACHABLE[name] = f"{name} at {address[0]}:{address[1]} is not reachable ({err.strerror or err})"
+        return _UNREACHABLE[name]
+    return None
+
+
+def require_postgres() -> None:
+    """Skips the calling test when no PostgreSQL listens at ``POSTGRES_ADMIN_URL``."""
+    reason = _unreachable("PostgreSQL", POSTGRES_ADMIN_URL, 5432)
+    if reason:
+        pytest.skip(reason)
+
+
+def require_redis() -> str:
+    """``REDIS_URL``; skips the calling test when no Redis listens there."""
+    reason = _unreachable("Redis", REDIS_URL, 6379)
+    if reason:
+        pytest.skip(reason)
+    return REDIS_URL
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for name, reason in _UNREACHABLE.items():
+        skipped = sum(reason in str(report.longrepr) for report in terminalreporter.stats.get("skipped", []))
+        terminalreporter.write_line(
+            f"{reason}: {skipped} test(s) needing it skipped; scripts/start-services starts it "
+            f"(README: what the tests need)"
+        )
+
+
 @contextmanager
 def fresh_postgres_database():
     """A new, empty PostgreSQL database (its SQLAlchemy URL), dropped on exit."""
     import psycopg
     from sqlalchemy.engine import make_url
 
+    require_postgres()
     name = f"rlora_test_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as err:
-        pytest.skip(f"PostgreSQL at {POSTGRES_ADMIN_URL} is not reachable: {err}")
+    admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
