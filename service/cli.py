@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     add_client_commands(commands, _duration, _positive_duration)
 
     args = parser.parse_args(argv)
-    os.umask(PRIVATE_UMASK)  # before anything is created; the embedded worker inherits it
     if args.command in CLIENT_COMMANDS:
-        return run_client_command(args)  # a client: no server settings, no logging set-up
+        return run_client_command(args)  # a client: no server settings, data or logging here
+    os.umask(PRIVATE_UMASK)  # before anything is created; the embedded worker inherits it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()
