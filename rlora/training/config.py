@@ -131,20 +131,28 @@ class TrainConfig(BaseModel):
 
 
 
-def read_train_config(path: str | os.PathLike) -> TrainConfig:
-    """A `TrainConfig` from YAML; relative paths in it are relative to the YAML file's folder.
-
-    Raises ValueError with one line per problem, each naming its field.
-    """
-    path = Path(path)
+def read_yaml_settings(path: Path) -> dict[str, Any]:
+    """The mapping of settings a YAML file holds; ValueError naming the file otherwise."""
     try:
         data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no such file {path}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {path}: {err}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def read_train_config(path: str | os.PathLike) -> TrainConfig:
+    """A `TrainConfig` from YAML; relative paths in it are relative to the YAML file's folder.
+
+    Raises ValueError with one line per problem, each naming its field.
+    """
+    path = Path(path)
+    data = read_yaml_settings(path)
     folder = path.resolve().parent
     for entry in data.get("mixture") or []:
         if isinstance(entry, dict):

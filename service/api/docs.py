@@ -21,27 +21,25 @@ def install_docs(app: FastAPI) -> None:
     scripts, styles and icon under ``ASSETS_URL``."""
     app.mount(ASSETS_URL, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
 
-    def assets(request: Request) -> str:
-        return f"{request.scope.get('root_path', '')}{ASSETS_URL}"
+    def urls(request: Request) -> tuple[str, str]:
+        """The OpenAPI document's URL and the assets' (behind a proxy's root path too)."""
+        root = request.scope.get("root_path", "")
+        return f"{root}{app.openapi_url}", f"{root}{ASSETS_URL}"
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
+        openapi_url, assets = urls(request)
         return get_swagger_ui_html(
-            openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}",
-            title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{assets(request)}/swagger-ui-bundle.js",
-            swagger_css_url=f"{assets(request)}/swagger-ui.css",
-            swagger_favicon_url=f"{assets(request)}/favicon.png",
+            openapi_url=openapi_url, title=f"{app.title} - Swagger UI", swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css", swagger_favicon_url=f"{assets}/favicon.png",
             # No spec validator badge: Swagger UI would send the document to validator.swagger.io.
             swagger_ui_parameters={**(app.swagger_ui_parameters or {}), "validatorUrl": None},
         )
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
+        openapi_url, assets = urls(request)
         return get_redoc_html(
-            openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}",
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{assets(request)}/redoc.standalone.js",
-            redoc_favicon_url=f"{assets(request)}/favicon.png",
-            with_google_fonts=False,
+            openapi_url=openapi_url, title=f"{app.title} - ReDoc", redoc_js_url=f"{assets}/redoc.standalone.js",
+            redoc_favicon_url=f"{assets}/favicon.png", with_google_fonts=False,
         )

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from rlora.training.config import read_yaml_settings
 from service.client.http import ApiClient
 
 # An entry's local file -> the job request's field for its uploaded id.
@@ -26,15 +25,9 @@ class JobFileError(ValueError):
 def read_job_file(path: Path) -> dict[str, Any]:
     """The file's settings, local paths made absolute (relative ones are relative to the file)."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise JobFileError(f"no such file {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise JobFileError(f"cannot read {path}: {err}") from None
-    except yaml.YAMLError as err:
-        raise JobFileError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise JobFileError(f"{path}: expected a mapping of settings (base_model, mixture, adapter, training)")
+        data = read_yaml_settings(path)
+    except ValueError as err:
+        raise JobFileError(str(err)) from None
     mixture = data.get("mixture")
     if not isinstance(mixture, list) or not all(isinstance(entry, dict) for entry in mixture):
         raise JobFileError(f"{path}: mixture must be a list of entries, each with a path (or file_id), task and weight")
