@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -233,9 +232,10 @@ def wait_until_answering(url: str, process: subprocess.Popen, log_path: Path, ti
 
 
 def rlora_command(*args: str) -> list[str]:
-    """The installed ``rlora`` console script (or the module it points at)."""
-    script = shutil.which("rlora")
-    return [script, *args] if script else [sys.executable, "-m", "service.cli", *args]
+    """The ``rlora`` console script installed beside this interpreter (in .venv under make),
+    or the module it points at; never another environment's ``rlora`` that PATH finds first."""
+    script = Path(sys.executable).with_name("rlora")
+    return [str(script), *args] if script.is_file() else [sys.executable, "-m", "service.cli", *args]
 
 
 def service_env(**settings) -> dict[str, str]:
