@@ -156,7 +156,10 @@ def _refusal(err: ApiError, connection: Connection) -> str:
     where = f" ({err.field})" if err.field and err.field not in err.message else ""
     message = f"error: {err.message}{where} [HTTP {err.status} {err.code}]"
     if err.status == 401:
-        message += f"\nthe key from {connection.key_source} was refused by {connection.api_url}"
+        message += (
+            f"\nthe key from {connection.key_source} was refused by {connection.api_url}; a key works only on the "
+            "service whose database made it (rlora tenant create and rlora serve with the same RLORA_HOME)"
+        )
     return message
 
 
