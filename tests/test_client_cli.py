@@ -138,6 +138,10 @@ def test_the_workflow_from_upload_to_chat(rlora, tmp_path):
     assert code == 0 and out.strip() == str(target)
     names = {name.split("/")[-1] for name in zipfile.ZipFile(target).namelist()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    code, out, _ = rlora("adapters", "download", adapter_id, "-o", str(tmp_path))  # into a folder
+    assert code == 0 and out.strip() == str(tmp_path / f"{adapter_id}.zip") and zipfile.is_zipfile(out.strip())
+    code, _, err = rlora("adapters", "download", adapter_id, "-o", str(tmp_path / "no" / "such.zip"))
+    assert code == 2 and "no such folder" in err
 
     # Streamed: what the terminal shows is the generation /generate gives.
     code, out, _ = rlora("generate", "3+4=", "--adapter", adapter_id, "--max-new-tokens", "5", "--seed", "1")

@@ -98,7 +98,7 @@ def add_client_commands(
     adapters.add_parser("list", parents=[connection, as_json], help="your adapters, newest first").set_defaults(run=_adapters_list)
     download = adapters.add_parser("download", parents=[connection], help="the adapter folder as a zip")
     download.add_argument("adapter_id")
-    download.add_argument("-o", "--output", help="where to write it (default ./ADAPTER_ID.zip)")
+    download.add_argument("-o", "--output", help="the zip file, or a folder for ADAPTER_ID.zip in it (default: the current folder)")
     download.set_defaults(run=_adapters_download)
 
     generate = commands.add_parser("generate", parents=[connection, sampling], help="generate from a prompt, streamed to the terminal")
@@ -150,6 +150,9 @@ def run_client_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `rlora jobs list | head`: the reader left
         sys.stderr.close()
         return 0
+    except OSError as err:  # a local file that cannot be read or written
+        note(f"error: {err}")
+        return EXIT_USAGE
 
 
 def _refusal(err: ApiError, connection: Connection) -> str:
@@ -376,7 +379,9 @@ def _adapters_list(args: argparse.Namespace, client: ApiClient) -> int:
 
 
 def _adapters_download(args: argparse.Namespace, client: ApiClient) -> int:
-    destination = Path(args.output or f"{args.adapter_id}.zip")
+    destination = Path(args.output or ".")
+    if destination.is_dir():
+        destination = destination / f"{args.adapter_id}.zip"
     if not destination.parent.is_dir():
         raise UsageError(f"no such folder {destination.parent}")
     size = client.download_adapter(args.adapter_id, destination)
