@@ -163,8 +163,16 @@ def test_watch_exit_codes_for_a_failed_and_a_cancelled_job(rlora, tmp_path):
     assert code == 1, err
     assert out.startswith("job-") and "failed:" in err
 
-    code, out, err = rlora("jobs", "create", job_file(tmp_path, max_steps=100_000, checkpoint_every=100_000))
+    # An entry may name an uploaded file by its id instead of a local path.
+    code, out, _ = rlora("files", "upload", str(tmp_path / "add.jsonl"))
+    file_id = out.strip()
+    config = yaml.safe_load(open(job_file(tmp_path, max_steps=100_000, checkpoint_every=100_000)))
+    config["mixture"] = [{"file_id": file_id, "task": "add", "weight": 1.0}]
+    (tmp_path / "by-id.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = rlora("jobs", "create", str(tmp_path / "by-id.yaml"))
     job_id = out.strip()
+    assert code == 0 and "uploaded" not in err
+    assert rlora("jobs", "get", job_id)[1].count(file_id) == 1
     code, out, _ = rlora("jobs", "cancel", job_id)
     assert code == 0 and out.startswith(f"job {job_id}: ")
     code, out, err = rlora("jobs", "watch", job_id, "--interval", "0.3")
