@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -147,8 +148,8 @@ def run_client_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         note("interrupted")
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `rlora jobs list | head`: the reader left
-        sys.stderr.close()
+    except BrokenPipeError:  # `rlora jobs list | head`: the reader left; nothing more to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as err:  # a local file that cannot be read or written
         note(f"error: {err}")
