@@ -1,21 +1,35 @@
-# `make run` and `make test` do all the set-up on a fresh machine (README.md).
+# `make run` and `make test` do all the set-up on a fresh machine (README.md): a project virtual
+# environment in .venv, made by the machine's python3 and installed into once (again only when
+# pyproject.toml changes), so a system Python that refuses pip ("externally-managed-environment")
+# is never touched.
 PYTHON ?= python3
+VENV ?= .venv
+HOST ?= 127.0.0.1
+PORT ?= 8000
+VENV_PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
 
 .PHONY: install run test services bench
 
-install:
-	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
-	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e '.[dev]'
+install: $(INSTALLED)
+
+$(VENV_PYTHON):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
+$(INSTALLED): pyproject.toml | $(VENV_PYTHON)
+	$(VENV_PYTHON) -m pip install -q torch==2.13.0
+	$(VENV_PYTHON) -m pip install -q -e '.[dev]'
+	touch $@
 
 run: install
-	$(PYTHON) -m service.cli serve  # the `rlora serve` command, whatever PATH says
+	$(VENV_PYTHON) -m service.cli serve --host $(HOST) --port $(PORT)  # `rlora serve`, whatever PATH says
 
 services:
 	./scripts/start-services
 
 test: install services
-	$(PYTHON) -m pytest -q
+	$(VENV_PYTHON) -m pytest -q
 
 bench: install
-	$(PYTHON) benchmarks/bench_layer.py
+	$(VENV_PYTHON) benchmarks/bench_layer.py

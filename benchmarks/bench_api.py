@@ -115,8 +115,10 @@ def free_port() -> int:
 
 
 def rlora_command(*args: str) -> list[str]:
-    script = shutil.which("rlora")
-    return [script, *args] if script else [sys.executable, "-m", "service.cli", *args]
+    """The ``rlora`` console script installed beside this interpreter (in .venv under make),
+    or the module it points at; never another environment's ``rlora`` that PATH finds first."""
+    script = Path(sys.executable).with_name("rlora")
+    return [str(script), *args] if script.is_file() else [sys.executable, "-m", "service.cli", *args]
 
 
 @contextmanager

@@ -1,4 +1,6 @@
-"""The ``rlora`` command: serve, engine, worker, tenant create, key, migrate, train."""
+"""The ``rlora`` command: serve, engine, worker, tenant create, key, migrate, train; and, as a
+client of a running service, login, files, jobs, adapters, generate, chat, keys
+(`service.client.commands`)."""
 
 from __future__ import annotations
 
@@ -53,9 +55,21 @@ def _positive_duration(text: str) -> timedelta:
     return duration
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rlora-service")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from service.client.commands import COMMANDS as CLIENT_COMMANDS, add_client_commands, run_client_command
+
     parser = argparse.ArgumentParser(prog="rlora", description="R-LoRA fine-tuning service")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"rlora {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="the API and one worker (embedded default: no other services)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -82,19 +96,19 @@ def main(argv: list[str] | None = None) -> int:
 
     tenant = commands.add_parser("tenant", help="manage tenants")
     tenant_commands = tenant.add_subparsers(dest="tenant_command", required=True)
-    create = tenant_commands.add_parser("create", help="a new tenant; prints its API key on the last line")
+    create = tenant_commands.add_parser("create", help="a new tenant; prints its API key (alone on stdout)")
     create.add_argument("name")
 
     key = commands.add_parser("key", help="manage a tenant's API keys")
     key_commands = key.add_subparsers(dest="key_command", required=True)
     expires_in = dict(type=_positive_duration, metavar="DURATION", help="the key stops working after this (90d, 12h, 30m, 3600s); default never")
-    key_create = key_commands.add_parser("create", help="a new API key for a tenant; prints it on the last line")
+    key_create = key_commands.add_parser("create", help="a new API key for a tenant; prints it (alone on stdout)")
     key_create.add_argument("--name", help="what the key is for, shown in lists")
     key_create.add_argument("--expires-in", **expires_in)
     key_commands.add_parser("list", help="the tenant's keys: id, prefix, name, status, times; never the keys themselves")
     key_revoke = key_commands.add_parser("revoke", help="refuse a key from the next request on")
     key_revoke.add_argument("key_id")
-    key_rotate = key_commands.add_parser("rotate", help="a new key in place of KEY_ID; prints it on the last line")
+    key_rotate = key_commands.add_parser("rotate", help="a new key in place of KEY_ID; prints it (alone on stdout)")
     key_rotate.add_argument("key_id")
     key_rotate.add_argument(
         "--grace", type=_duration, default=timedelta(0), metavar="DURATION",
@@ -109,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train locally without the service")
     train.add_argument("config", help="YAML with the fields of POST /v1/jobs, local paths and output_dir")
 
+    add_client_commands(commands, _duration, _positive_duration)
+
     args = parser.parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(args)  # a client: no server settings, data or logging here
     os.umask(PRIVATE_UMASK)  # before anything is created; the embedded worker inherits it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -218,7 +236,8 @@ def _create_tenant(settings: Settings, name: str) -> int:
         return 1
     finally:
         db.dispose()
-    print(f"tenant {tenant.name} ({tenant.id}) created; its API key, shown only this once:")
+    # The key alone on stdout (KEY=$(rlora tenant create NAME)); what it is, on stderr.
+    print(f"tenant {tenant.name} ({tenant.id}) created; its API key, shown only this once:", file=sys.stderr)
     print(key)
     return 0
 
@@ -246,7 +265,7 @@ def _key(settings: Settings, args: argparse.Namespace) -> int:
                 return 0
             if args.key_command == "create":
                 row, secret = keys.create_key(session, tenant.id, args.name, expires_at)
-                print(f"key {row.id} ({row.prefix}...) created for tenant {tenant.name}; the key, shown only this once:")
+                print(f"key {row.id} ({row.prefix}...) created for tenant {tenant.name}; the key, shown only this once:", file=sys.stderr)
                 print(secret)
                 return 0
             key = keys.tenant_key(session, tenant.id, args.key_id)
@@ -256,7 +275,7 @@ def _key(settings: Settings, args: argparse.Namespace) -> int:
                 return 0
             row, secret = keys.rotate_key(session, key, grace, expires_at)
             ends = "revoked" if key.revoked_at else f"works until {_when(key.expires_at)}"
-            print(f"key {key.id} rotated ({ends}); its successor {row.id} ({row.prefix}...), shown only this once:")
+            print(f"key {key.id} rotated ({ends}); its successor {row.id} ({row.prefix}...), shown only this once:", file=sys.stderr)
             print(secret)
             return 0
     except (keys.UnknownTenant, keys.UnknownKey, keys.KeyNotActive) as err:

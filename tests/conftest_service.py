@@ -7,10 +7,10 @@ makes its own tenants, and every query is tenant-scoped, so tests share one data
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -28,17 +29,58 @@ REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ["sqlite", "postgresql"]
 
 
+# Services the tests found nobody listening at, by name: each skips its tests with this
+# reason, and the session ends with one line per service (pytest_terminal_summary).
+_UNREACHABLE: dict[str, str] = {}
+
+
+@functools.cache
+def _unreachable(name: str, url: str, default_port: int) -> str | None:
+    """Why nothing listens at ``url``'s host and port (None: something does). Only a server
+    that is not there skips its tests; one that is there but refuses us fails them."""
+    parts = urlsplit(url)
+    address = (parts.hostname or "127.0.0.1", parts.port or default_port)
+    try:
+        socket.create_connection(address, timeout=3).close()
+    except OSError as err:
+        _UNREACHABLE[name] = f"{name} at {address[0]}:{address[1]} is not reachable ({err.strerror or err})"
+        return _UNREACHABLE[name]
+    return None
+
+
+def require_postgres() -> None:
+    """Skips the calling test when no PostgreSQL listens at ``POSTGRES_ADMIN_URL``."""
+    reason = _unreachable("PostgreSQL", POSTGRES_ADMIN_URL, 5432)
+    if reason:
+        pytest.skip(reason)
+
+
+def require_redis() -> str:
+    """``REDIS_URL``; skips the calling test when no Redis listens there."""
+    reason = _unreachable("Redis", REDIS_URL, 6379)
+    if reason:
+        pytest.skip(reason)
+    return REDIS_URL
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for name, reason in _UNREACHABLE.items():
+        skipped = sum(reason in str(report.longrepr) for report in terminalreporter.stats.get("skipped", []))
+        terminalreporter.write_line(
+            f"{reason}: {skipped} test(s) needing it skipped; scripts/start-services starts it "
+            f"(README: what the tests need)"
+        )
+
+
 @contextmanager
 def fresh_postgres_database():
     """A new, empty PostgreSQL database (its SQLAlchemy URL), dropped on exit."""
     import psycopg
     from sqlalchemy.engine import make_url
 
+    require_postgres()
     name = f"rlora_test_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as err:
-        pytest.skip(f"PostgreSQL at {POSTGRES_ADMIN_URL} is not reachable: {err}")
+    admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
@@ -190,9 +232,10 @@ def wait_until_answering(url: str, process: subprocess.Popen, log_path: Path, ti
 
 
 def rlora_command(*args: str) -> list[str]:
-    """The installed ``rlora`` console script (or the module it points at)."""
-    script = shutil.which("rlora")
-    return [script, *args] if script else [sys.executable, "-m", "service.cli", *args]
+    """The ``rlora`` console script installed beside this interpreter (in .venv under make),
+    or the module it points at; never another environment's ``rlora`` that PATH finds first."""
+    script = Path(sys.executable).with_name("rlora")
+    return [str(script), *args] if script.is_file() else [sys.executable, "-m", "service.cli", *args]
 
 
 def service_env(**settings) -> dict[str, str]:

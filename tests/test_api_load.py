@@ -238,10 +238,11 @@ def _closed_port() -> int:
 
 
 def test_ready_checks_the_database_and_the_broker(tmp_path):
-    from conftest_service import REDIS_URL
+    from conftest_service import require_redis
 
+    redis_url = require_redis()
     with database_url("sqlite", tmp_path) as url:
-        reachable = make_settings(tmp_path / "a", url, broker_url=f"{REDIS_URL}/0")
+        reachable = make_settings(tmp_path / "a", url, broker_url=f"{redis_url}/0")
         with TestClient(create_app(reachable)) as client:
             response = client.get("/ready")
             assert response.status_code == 200, response.text

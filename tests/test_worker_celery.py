@@ -14,13 +14,13 @@ import zipfile
 import pytest
 import redis
 import torch
-from conftest_service import REDIS_URL, dataset, job_body, stop_process, upload, wait_for
+from conftest_service import dataset, job_body, require_redis, stop_process, upload, wait_for
 from queue_support import worker_environment
 
 
 @pytest.fixture(scope="module")
 def worker_env(tmp_path_factory, tiny_model_path):
-    with worker_environment(tmp_path_factory, tiny_model_path, f"{REDIS_URL}/0") as env:
+    with worker_environment(tmp_path_factory, tiny_model_path, f"{require_redis()}/0") as env:
         yield env
         connection = redis.Redis.from_url(env.settings.broker_url)
         for key in connection.scan_iter(f"*{env.settings.queue_prefix}*"):

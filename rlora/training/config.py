@@ -26,24 +26,32 @@ class TrainingSettings(BaseModel):
 
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps; wins over epochs")
     epochs: float | None = Field(None, gt=0, le=1000, description="passes over the mixture's training examples")
-    batch_size: int = Field(8, ge=1, le=4096)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    max_seq_len: int = Field(512, ge=8, le=131_072)
+    batch_size: int = Field(8, ge=1, le=4096, description="examples per forward pass, drawn from the mixture by weight")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=4096, description="forward passes summed into one optimizer step (effective batch: batch_size x this)"
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="AdamW's peak learning rate, reached after warmup")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the steps with a linear warmup; a cosine decay to 0 follows")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW's decoupled weight decay of the adapter parameters")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradients clipped to this global norm; null: no clipping")
+    max_seq_len: int = Field(
+        512, ge=8, le=131_072, description="tokens of one example; longer ones lose their oldest context, then the answer's end"
+    )
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
     validation_share: float = Field(0.1, ge=0, lt=1, description="share of each task held out when no validation set is given")
     eval_max_examples: int = Field(64, ge=0, le=100_000, description="validation examples evaluated per task")
-    eval_max_new_tokens: int = Field(32, ge=1, le=4096)
-    gradient_checkpointing: bool = False
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_max_new_tokens: int = Field(32, ge=1, le=4096, description="tokens generated per validation example for exact match")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, more time")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 autocast on CUDA, float32 on CPU; adapter weights stay float32"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where to train; in the service it also picks the queue (cpu or gpu workers)"
+    )
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="compile the decoder layers with torch.compile; auto: on CUDA only"
     )
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds sampling, dropout and the validation split: same seed, same run")
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -65,9 +73,12 @@ class MixtureEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, description="a JSONL file or JSON array of records")
     weight: float = Field(1.0, gt=0, description="relative sampling weight")
-    task: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
+    task: str = Field(
+        min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="the task's name: evaluation and routing are reported per task",
+    )
     validation_path: str | None = Field(None, description="held-out set; otherwise validation_share of path")
 
 
@@ -120,20 +131,28 @@ class TrainConfig(BaseModel):
 
 
 
-def read_train_config(path: str | os.PathLike) -> TrainConfig:
-    """A `TrainConfig` from YAML; relative paths in it are relative to the YAML file's folder.
-
-    Raises ValueError with one line per problem, each naming its field.
-    """
-    path = Path(path)
+def read_yaml_settings(path: Path) -> dict[str, Any]:
+    """The mapping of settings a YAML file holds; ValueError naming the file otherwise."""
     try:
         data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no such file {path}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {path}: {err}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def read_train_config(path: str | os.PathLike) -> TrainConfig:
+    """A `TrainConfig` from YAML; relative paths in it are relative to the YAML file's folder.
+
+    Raises ValueError with one line per problem, each naming its field.
+    """
+    path = Path(path)
+    data = read_yaml_settings(path)
     folder = path.resolve().parent
     for entry in data.get("mixture") or []:
         if isinstance(entry, dict):

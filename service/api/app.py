@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from service.api.body_limit import BodyLimitMiddleware
+from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.inference import close_engine
 from service.api.routes import adapters, admin, files, generate, health, jobs, keys, models, usage
@@ -57,7 +58,10 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         await close_engine(app)  # the inference engine, if a request made one
         app.state.db.dispose()
 
-    app = ServiceAPI(title="rlora", summary="Multi-tenant R-LoRA fine-tuning", version="0.1.0", lifespan=lifespan)
+    app = ServiceAPI(
+        title="rlora", summary="Multi-tenant R-LoRA fine-tuning", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    install_docs(app)  # /docs and /redoc from installed files, not a CDN
     app.state.settings = settings
     app.state.db = Database(settings.database, pool_size=settings.api_threads, pool_timeout=settings.database_pool_timeout)
     app.state.celery = create_celery(settings)

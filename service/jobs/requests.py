@@ -34,7 +34,7 @@ _ENTRY = MixtureEntry.model_fields
 class MixtureItem(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    file_id: str = Field(min_length=1)
+    file_id: str = Field(min_length=1, description="id of an uploaded dataset file (POST /v1/files)")
     weight: float = _ENTRY["weight"]
     task: str = _ENTRY["task"]
     validation_file_id: str | None = Field(None, description="held-out set; otherwise training.validation_share of the file")
@@ -45,10 +45,18 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    base_model: str = Field(min_length=1, max_length=255)
-    mixture: list[MixtureItem] = Field(min_length=1, max_length=64)
-    adapter: dict[str, Any] = Field(default_factory=dict, description="AdapterConfig settings")
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    base_model: str = Field(min_length=1, max_length=255, description="a base model of GET /v1/models, e.g. tiny")
+    mixture: list[MixtureItem] = Field(min_length=1, max_length=64, description="the datasets, one entry per task")
+    adapter: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "the adapter (AdapterConfig): method (lora, hydralora or rlora, the default), heads (default 1 for lora, "
+            "else 3), rank (4), alpha (32), dropout (0.2), target_modules (default gate_proj, up_proj, down_proj; "
+            "or 'all-linear'), seed, rank_stabilized, gamma, init_scale, and R-LoRA's ablation switches "
+            "multi_head_dropout and random_init"
+        ),
+    )
+    training: TrainingSettings = Field(default_factory=TrainingSettings, description="optimisation settings")
 
 
 class InvalidJobRequest(ValueError):

@@ -2,18 +2,17 @@
 does). Mounted only when ``RLORA_ADMIN_TOKEN`` is set (else they are 404s, like any unknown
 path), and answering only requests that bear that token."""
 
-from datetime import timedelta
-
 from fastapi import APIRouter, Depends
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.api.auth import get_owned, require_admin
 from service.api.deps import SessionDep, SessionRoute
-from service.api.errors import APIError, not_found
+from service.api.errors import not_found
 from service.api.paging import PageDep, page
+from service.api.routes.keys import rotated
 from service.api.schemas import KeyCreate, KeyCreated, KeyOut, KeyRotate, Page
-from service.keys import KeyNotActive, UnknownTenant, create_key, find_tenant, revoke_key, rotate_key
+from service.keys import UnknownTenant, create_key, find_tenant, revoke_key
 from service.models import ApiKey, Tenant
 
 router = APIRouter(
@@ -54,8 +53,4 @@ def revoke_tenant_key(tenant: str, key_id: str, session: SessionDep) -> KeyOut:
 @router.post("/{key_id}/rotate", status_code=201)
 def rotate_tenant_key(tenant: str, key_id: str, session: SessionDep, body: KeyRotate | None = None) -> KeyCreated:
     """A new key in place of ``key_id``, which is revoked at once or after ``grace_seconds``."""
-    body = body or KeyRotate()
-    try:
-        return KeyCreated.of(*rotate_key(session, _key(session, tenant, key_id), timedelta(seconds=body.grace_seconds), body.expires_at))
-    except KeyNotActive as err:
-        raise APIError(409, "key_not_active", str(err)) from None
+    return rotated(session, _key(session, tenant, key_id), body)
