@@ -22,10 +22,15 @@ JSON = {"content-type": "application/json"}
 
 
 def error_of(response, status: int, code: str | None = None) -> dict:
-    """The error of ``response``, checked to be in the one shape with ``status``."""
+    """The error of ``response``, checked to be in the one shape with ``status`` (on the TGI
+    routes, TGI's ``{"error": message, "error_type"}`` with the same code and field)."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
+    if "error_type" in body:
+        assert response.request.url.path in ("/generate", "/generate_stream", "/"), body
+        assert set(body) <= {"error", "error_type", "code", "field"} and body["error_type"], body
+        body = {"error": {"message": body["error"], **{key: body[key] for key in ("code", "field") if key in body}}}
     assert set(body) == {"error"}, body
     error = body["error"]
     assert set(error) <= {"code", "message", "field", "details"} and error["code"] and error["message"], error
@@ -383,7 +388,7 @@ def test_a_client_that_leaves_leaves_no_unretrieved_future(gen_client, caplog):
 
     from rlora.serve import GenerationParams
     from service.api.inference import get_engine
-    from service.api.routes.generate import _result_unless_client_gone
+    from service.api.generation import _result_unless_client_gone
 
     class Gone:
         async def receive(self):

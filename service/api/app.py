@@ -14,6 +14,7 @@ from starlette.types import ASGIApp
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.errors import install_error_handlers
 from service.api.inference import close_engine
+from service.api.openapi import install_openapi
 from service.api.routes import adapters, admin, files, generate, health, jobs, keys, models, usage
 from service.api.schemas import error_responses
 from service.api.security_headers import SecurityHeadersMiddleware
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         app.include_router(module.router, responses=error_responses(*statuses))
     if settings.admin_token:
         app.include_router(admin.router, responses=error_responses(401, 404, 408, 409, 413, 415, 422, 503))
+    install_openapi(app, settings)
     return app
 
 
