@@ -77,7 +77,8 @@ def test_the_openapi_document_says_how_to_authenticate_and_what_is_enforced(clie
 
 def test_models_lists_tiny(client, new_tenant):
     data = client.get("/v1/models", headers=new_tenant()).json()["data"]
-    assert {"id": "tiny", "object": "model"} in data
+    tiny = next(model for model in data if model["id"] == "tiny")
+    assert tiny["object"] == "model" and tiny["owned_by"] == "system" and tiny["parent"] is None and isinstance(tiny["created"], int)
 
 
 # --- files --------------------------------------------------------------------------------

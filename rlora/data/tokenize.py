@@ -59,8 +59,16 @@ def prompt_ids(tokenizer: Any, example: Example, max_len: int | None = None) -> 
     assistant turn, with the generation prompt; the same tokens ``encode_example`` puts before
     the answer. Over ``max_len``, the oldest tokens after bos are dropped."""
     context = _conversation(example)[:-1]
-    ids = with_bos(tokenizer, _token_ids(tokenizer, _render(tokenizer, context, add_generation_prompt=True)))
+    ids = with_bos(tokenizer, _token_ids(tokenizer, chat_prompt(tokenizer, context)))
     return ids if max_len is None else keep_last(tokenizer, ids, max_len)
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[dict]) -> str:
+    """The text a model is given to answer ``messages`` (``{"role", "content"}``: system, user,
+    assistant): the conversation rendered as training renders it, with the generation prompt,
+    so a model trained on chat records is asked as it was taught. Without a bos token (the
+    engine puts it first, as it does for every prompt)."""
+    return _render(tokenizer, [dict(m) for m in messages], add_generation_prompt=True)
 
 
 def keep_last(tokenizer: Any, ids: Sequence[int], max_len: int) -> list[int]:

@@ -1,8 +1,8 @@
 """One JSON error shape for every failure: ``{"error": {"code", "message", "field"?, "details"?}}``.
 
 Routes that speak another API's wire format answer in its error shape instead: their route
-class has an ``error_content`` (an `APIError` -> the JSON body), which every handler here uses
-for the route that was matched (TGI's on the generate routes, OpenAI's on the OpenAI routes).
+class has a ``render_error`` (an `APIError` -> the response), which every handler here uses for
+the route that was matched (TGI's on the generate routes, OpenAI's on the OpenAI routes).
 """
 
 from __future__ import annotations
@@ -181,14 +181,14 @@ def _unparsable_body(cause: BaseException) -> APIError:
     return invalid("body", message)
 
 
-def _content(err: APIError) -> dict:
-    return error_body(err.code, err.message, err.field, err.details)
+def _render(err: APIError) -> JSONResponse:
+    return JSONResponse(error_body(err.code, err.message, err.field, err.details), status_code=err.status, headers=err.headers)
 
 
 def error_response(request: Request, err: APIError) -> JSONResponse:
     """``err`` in the error shape of the route ``request`` matched (the service's by default)."""
-    content = getattr(request.scope.get("route"), "error_content", _content)
-    return JSONResponse(content(err), status_code=err.status, headers=err.headers)
+    render = getattr(request.scope.get("route"), "render_error", _render)
+    return render(err)
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")

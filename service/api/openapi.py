@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
+from service.api.openai_schemas import ChatCompletionChunk
 from service.api.routes.generate import STREAM_EVENT_MODELS
 from service.settings import Settings
 
@@ -17,7 +18,8 @@ _REF = "#/components/schemas/{model}"
 
 
 def _event_schemas() -> dict[str, Any]:
-    _, schema = models_json_schema([(model, "serialization") for model in STREAM_EVENT_MODELS], ref_template=_REF)
+    models = [*STREAM_EVENT_MODELS, ChatCompletionChunk]
+    _, schema = models_json_schema([(model, "serialization") for model in models], ref_template=_REF)
     return schema.get("$defs", {})
 
 

@@ -65,8 +65,8 @@ class TGIRoute(APIRoute):
     """A route whose errors are in TGI's shape, ``{"error", "error_type"}``, as its clients parse them."""
 
     @staticmethod
-    def error_content(err: APIError) -> dict:
-        return error_content(err.status, err.code, err.message, err.field)
+    def render_error(err: APIError) -> JSONResponse:
+        return JSONResponse(error_content(err.status, err.code, err.message, err.field), status_code=err.status, headers=err.headers)
 
 
 router = APIRouter(tags=["generate"], route_class=TGIRoute)
