@@ -7,6 +7,8 @@ install:
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[dev]'
+	# TGI's and LoRAX's clients, for the tests: their huggingface-hub<1.0 pin conflicts with transformers 5.
+	$(PYTHON) -m pip install -q --no-deps 'text-generation>=0.7' 'lorax-client>=0.6'
 
 run: install
 	$(PYTHON) -m service.cli serve  # the `rlora serve` command, whatever PATH says
