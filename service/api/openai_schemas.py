@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationInfo, field_validator
@@ -25,6 +25,8 @@ from service.api.deps import SessionRoute
 from service.api.errors import APIError, invalid
 from service.api.schemas import unix_seconds
 from service.models import Job, JobEvent
+
+T = TypeVar("T")
 
 # --- errors ------------------------------------------------------------------------------------
 
@@ -699,9 +701,9 @@ class FineTuningJobCheckpoint(BaseModel):
     step_number: int
 
 
-class CursorPage(BaseModel):
+class CursorPage(BaseModel, Generic[T]):
     """OpenAI's list: ``has_more`` says whether to ask again with ``after`` = the last id."""
 
     object: Literal["list"] = "list"
-    data: list[Any]
+    data: list[T]
     has_more: bool

@@ -78,9 +78,9 @@ def _target(session: Session, settings: Settings, tenant_id: str, model: str) ->
         session.close()  # a stream can last minutes: the connection goes back now
 
 
-def _chat_prompt(session: Session, settings: Settings, tenant_id: str, body: ChatCompletionRequest) -> tuple[Target, str]:
-    target = _target(session, settings, tenant_id, body.model)
-    return target, render_chat(settings, target.base_model, body.turns())
+def _chat_prompt(session: Session, settings: Settings, tenant_id: str, model: str, turns: list[dict[str, str]]) -> tuple[Target, str]:
+    target = _target(session, settings, tenant_id, model)
+    return target, render_chat(settings, target.base_model, turns)
 
 
 # --- streaming ---------------------------------------------------------------------------------
@@ -211,8 +211,8 @@ async def chat_completions(
     reject_lone_surrogates(body.model_dump(exclude_none=True))
     fields = Fields(parameter=parameter_field(body.max_tokens_field(), "messages"), adapter="model")
     params = _params(body.params, fields)
-    body.turns()  # the messages' problems before the model's
-    target, prompt = await run_in_threadpool(_chat_prompt, session, settings, tenant.id, body)
+    turns = body.turns()  # the messages' problems before the model's
+    target, prompt = await run_in_threadpool(_chat_prompt, session, settings, tenant.id, body.model, turns)
     handle = await submit(engine, prompt, params, target, tenant.id, fields)
     if body.stream:
         return _chat_stream(handle, body, params)

@@ -77,10 +77,10 @@ def create_fine_tuning_job(
 
 
 @router.get("")
-async def list_fine_tuning_jobs(read_as_tenant: TenantReaderDep, params: PageDep) -> CursorPage:
-    def read(connection: Connection, tenant: AuthenticatedTenant) -> CursorPage:
+async def list_fine_tuning_jobs(read_as_tenant: TenantReaderDep, params: PageDep) -> CursorPage[FineTuningJob]:
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> CursorPage[FineTuningJob]:
         rows, cursor = page(connection, JOB_ROWS.where(Job.tenant_id == tenant.id), Job.id, params)
-        return CursorPage(data=[fine_tuning_job(row, row.adapter_id) for row in rows], has_more=cursor is not None)
+        return CursorPage[FineTuningJob](data=[fine_tuning_job(row, row.adapter_id) for row in rows], has_more=cursor is not None)
 
     return await read_as_tenant(read)
 
@@ -114,16 +114,16 @@ async def list_fine_tuning_events(
     settings: SettingsDep,
     after: Annotated[str | None, Query(max_length=100, description="the id of the last event seen: older ones follow")] = None,
     limit: Annotated[int, Query(ge=1, description="events per page")] = 20,
-) -> CursorPage:
+) -> CursorPage[FineTuningJobEvent]:
     """Newest first, as OpenAI lists them (``GET /v1/jobs/{id}/events`` gives them oldest first)."""
     # Newest first is PageParams' order; its cursor compares with the event's integer id.
     params = PageParams(limit=checked_limit(settings, limit), after=event_cursor(after))  # type: ignore[arg-type]
 
-    def read(connection: Connection, tenant: AuthenticatedTenant) -> CursorPage:
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> CursorPage[FineTuningJobEvent]:
         read_job_row(connection, tenant.id, job_id)
         query = select(JobEvent.__table__).where(JobEvent.tenant_id == tenant.id, JobEvent.job_id == job_id)
         rows, cursor = page(connection, query, JobEvent.id, params)
-        return CursorPage(data=[fine_tuning_event(row) for row in rows], has_more=cursor is not None)
+        return CursorPage[FineTuningJobEvent](data=[fine_tuning_event(row) for row in rows], has_more=cursor is not None)
 
     return await read_as_tenant(read)
 
@@ -145,15 +145,16 @@ async def list_fine_tuning_checkpoints(
     read_as_tenant: TenantReaderDep,
     after: Annotated[str | None, Query(max_length=100, description="the id of the last checkpoint seen")] = None,
     limit: Annotated[int, Query(ge=1)] = 10,
-) -> CursorPage:
+) -> CursorPage[FineTuningJobCheckpoint]:
     """The model the job made, its adapter, once it succeeded (the trainer's intermediate
-    checkpoints are for resuming, not for serving, so a job has at most this one)."""
+    checkpoints are for resuming, not for serving, so a job has at most this one, and any
+    ``limit`` holds it)."""
 
-    def read(connection: Connection, tenant: AuthenticatedTenant) -> CursorPage:
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> CursorPage[FineTuningJobCheckpoint]:
         job = read_job_row(connection, tenant.id, job_id)
         if job.adapter_id is None or after is not None:  # the one checkpoint is the first page
-            return CursorPage(data=[], has_more=False)
+            return CursorPage[FineTuningJobCheckpoint](data=[], has_more=False)
         adapter = connection.execute(select(Adapter.__table__).where(Adapter.id == job.adapter_id)).one()
-        return CursorPage(data=[_checkpoint(adapter, job)], has_more=False)
+        return CursorPage[FineTuningJobCheckpoint](data=[_checkpoint(adapter, job)], has_more=False)
 
     return await read_as_tenant(read)
