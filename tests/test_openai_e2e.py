@@ -7,21 +7,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 
 import httpx
 import pytest
-from conftest_service import REPO, free_port, rlora_command, service_env, stop_process, wait_for
+from conftest_service import REPO, cli_tenant_key, free_port, rlora_command, service_env, stop_process, wait_for
 
 openai = pytest.importorskip("openai")
-
-
-def create_key(home, name: str) -> str:
-    result = subprocess.run(rlora_command("tenant", "create", name), cwd=REPO, env=service_env(home=home), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().splitlines()[-1]
 
 
 def chat_dataset(n: int = 24) -> bytes:
@@ -70,18 +63,14 @@ def server(tmp_path_factory, tiny_model_path):
         wait_for(healthy, 60, 0.3, "rlora serve to answer /health")
         yield base, home, log_path
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(30)
-        finally:
-            stop_process(serve)
+        stop_process(serve, 30)  # SIGTERM, as a user stops it; killed if it has not stopped in 30 s
 
 
 def test_fine_tune_and_chat_with_the_openai_client(server):
     base, home, log_path = server
-    key = create_key(home, "alice")
+    key = cli_tenant_key(home, "alice")
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
-    other = openai.OpenAI(base_url=f"{base}/v1", api_key=create_key(home, "bob"), max_retries=0, timeout=60)
+    other = openai.OpenAI(base_url=f"{base}/v1", api_key=cli_tenant_key(home, "bob"), max_retries=0, timeout=60)
 
     training_file = client.files.create(file=("add.jsonl", chat_dataset()), purpose="fine-tune")
     assert training_file.purpose == "fine-tune" and training_file.status == "processed" and training_file.model_extra["records"] == 24
@@ -157,7 +146,7 @@ def test_fine_tune_and_chat_with_the_openai_client(server):
 
 def test_bad_fine_tuning_requests_are_400_naming_the_parameter(server):
     base, home, _ = server
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key=create_key(home, "carol"), max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=cli_tenant_key(home, "carol"), max_retries=0, timeout=60)
     training_file = client.files.create(file=("add.jsonl", chat_dataset(8)), purpose="fine-tune")
     cases = [
         (dict(model="tiny", training_file="file-nope"), "training_file"),

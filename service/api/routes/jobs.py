@@ -2,24 +2,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import Connection, Row, select
-from sqlalchemy.orm import Session
 
-from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep, get_owned
+from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep
 from service.api.deps import CeleryDep, SessionDep, SessionRoute, SettingsDep
-from service.api.errors import APIError, reject_lone_surrogates
-from service.api.job_submission import IDEMPOTENCY_HEADER, JOB_ROWS, read_job_row, submit_job
+from service.api.errors import reject_lone_surrogates
+from service.api.job_store import IDEMPOTENCY_HEADER, JOB_ROWS, cancel_owned_job, read_job_row, submit_job
 from service.api.paging import EventPageDep, PageDep, page
 from service.api.schemas import JobCreate, JobError, JobEventOut, JobMetrics, JobOut, Page, Progress
-from service.jobs import states
 from service.jobs.requests import request_hash
 from service.jobs.states import Status
 from service.models import Job, JobEvent
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=SessionRoute)
-
-
-def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    return get_owned(session, Job, tenant_id, job_id, "job")
 
 
 def job_out(job: Job | Row, adapter_id: str | None) -> JobOut:
@@ -82,12 +76,7 @@ async def read_job(job_id: str, read_as_tenant: TenantReaderDep) -> JobOut:
 
 @router.post("/{job_id}/cancel")
 def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
-    job = get_job(session, tenant.id, job_id)
-    try:
-        states.cancel(session, job)
-    except states.InvalidTransition as err:
-        raise APIError(409, "invalid_transition", str(err)) from None
-    row = read_job_row(session, tenant.id, job_id)
+    row = cancel_owned_job(session, tenant.id, job_id)
     return job_out(row, row.adapter_id)
 
 

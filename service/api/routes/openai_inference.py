@@ -163,34 +163,48 @@ async def _chunks(
     yield _DONE
 
 
+def _stream(
+    handle: Handle,
+    body: ChatCompletionRequest | CompletionRequest,
+    params: GenerationParams,
+    prefix: str,
+    kind: str,
+    choice: Callable[[str, list[Token], GenerationResult | None], dict | None],
+) -> Response:
+    """The chunks of a streamed completion (``kind``, OpenAI's object name), each with the
+    one choice ``choice`` makes; the usage chunk last when the request asked for it."""
+    common: dict[str, Any] = {"id": completion_id(prefix), "object": kind, "created": now_seconds(), "model": body.model,
+                              "system_fingerprint": None}
+    if body.include_usage:
+        common["usage"] = None  # in every chunk, as OpenAI sends it; the last one has it
+
+    def chunk(text: str, tokens: list[Token], result: GenerationResult | None) -> dict | None:
+        made = choice(text, tokens, result)
+        return None if made is None else {**common, "choices": [made]}
+
+    def usage_chunk(result: GenerationResult) -> dict:
+        return {**common, "choices": [], "usage": usage(result).model_dump()}
+
+    return _ChunkStream(handle, _chunks(handle, params.stop, chunk, usage_chunk if body.include_usage else None))
+
+
 # --- /v1/chat/completions ----------------------------------------------------------------------
 
 
 def _chat_stream(handle: Handle, body: ChatCompletionRequest, params: GenerationParams) -> Response:
-    common = {"id": completion_id("chatcmpl"), "object": "chat.completion.chunk", "created": now_seconds(), "model": body.model,
-              "system_fingerprint": None}
-    if body.include_usage:
-        common["usage"] = None
     first = [True]
 
-    def chunk(text: str, tokens: list[Token], result: GenerationResult | None) -> dict | None:
+    def choice(text: str, tokens: list[Token], result: GenerationResult | None) -> dict | None:
         delta: dict[str, Any] = {"content": text}
         if first[0]:
             delta["role"] = "assistant"
             first[0] = False
         elif not text and result is None:
             return None  # held back (a stop sequence may be beginning): nothing to send yet
-        choice = {
-            "index": 0, "delta": delta,
-            "logprobs": chat_logprobs(tokens).model_dump() if body.logprobs else None,
-            "finish_reason": finish_reason(result) if result is not None else None,
-        }
-        return {**common, "choices": [choice]}
+        logprobs = chat_logprobs(tokens).model_dump() if body.logprobs else None
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason(result) if result else None}
 
-    def usage_chunk(result: GenerationResult) -> dict:
-        return {**common, "choices": [], "usage": usage(result).model_dump()}
-
-    return _ChunkStream(handle, _chunks(handle, params.stop, chunk, usage_chunk if body.include_usage else None))
+    return _stream(handle, body, params, "chatcmpl", "chat.completion.chunk", choice)
 
 
 _CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -234,14 +248,10 @@ async def chat_completions(
 
 
 def _completion_stream(handle: Handle, body: CompletionRequest, params: GenerationParams, echo: str) -> Response:
-    common = {"id": completion_id("cmpl"), "object": "text_completion", "created": now_seconds(), "model": body.model,
-              "system_fingerprint": None}
-    if body.include_usage:
-        common["usage"] = None
-    sent = [len(echo)]
+    sent = [len(echo)]  # where the next token's text begins
     first = [True]
 
-    def chunk(text: str, tokens: list[Token], result: GenerationResult | None) -> dict | None:
+    def choice(text: str, tokens: list[Token], result: GenerationResult | None) -> dict | None:
         if first[0]:
             text, first[0] = echo + text, False
         elif not text and result is None:
@@ -250,13 +260,9 @@ def _completion_stream(handle: Handle, body: CompletionRequest, params: Generati
         if body.logprobs is not None:
             logprobs = completion_logprobs(tokens, sent[0]).model_dump()
             sent[0] += sum(len(token.text) for token in tokens)
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(result) if result is not None else None}
-        return {**common, "choices": [choice]}
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(result) if result else None}
 
-    def usage_chunk(result: GenerationResult) -> dict:
-        return {**common, "choices": [], "usage": usage(result).model_dump()}
-
-    return _ChunkStream(handle, _chunks(handle, params.stop, chunk, usage_chunk if body.include_usage else None))
+    return _stream(handle, body, params, "cmpl", "text_completion", choice)
 
 
 _COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {

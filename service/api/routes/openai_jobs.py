@@ -22,10 +22,10 @@ from fastapi import APIRouter, Header, Query
 from pydantic import ValidationError
 from sqlalchemy import Connection, select
 
-from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep, get_owned
+from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep
 from service.api.deps import CeleryDep, SessionDep, SettingsDep
-from service.api.errors import APIError, invalid_fields, reject_lone_surrogates
-from service.api.job_submission import IDEMPOTENCY_HEADER, JOB_ROWS, read_job_row, submit_job
+from service.api.errors import invalid_fields, reject_lone_surrogates
+from service.api.job_store import IDEMPOTENCY_HEADER, JOB_ROWS, cancel_owned_job, read_job_row, submit_job
 from service.api.openai_schemas import (
     CheckpointMetrics,
     CursorPage,
@@ -40,7 +40,6 @@ from service.api.openai_schemas import (
 )
 from service.api.paging import PageDep, PageParams, checked_limit, page
 from service.api.schemas import unix_seconds
-from service.jobs import states
 from service.jobs.requests import JobRequest, request_hash
 from service.models import Adapter, Job, JobEvent
 from service.problems import validation_problems
@@ -98,12 +97,7 @@ async def retrieve_fine_tuning_job(job_id: str, read_as_tenant: TenantReaderDep)
 def cancel_fine_tuning_job(job_id: str, tenant: TenantDep, session: SessionDep) -> FineTuningJob:
     """A queued job is cancelled at once; a running one stops at its next step (``status``
     stays ``running`` until then)."""
-    job: Job = get_owned(session, Job, tenant.id, job_id, "job")
-    try:
-        states.cancel(session, job)
-    except states.InvalidTransition as err:
-        raise APIError(409, "invalid_transition", str(err)) from None
-    row = read_job_row(session, tenant.id, job_id)
+    row = cancel_owned_job(session, tenant.id, job_id)
     return fine_tuning_job(row, row.adapter_id)
 
 

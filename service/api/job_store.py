@@ -1,6 +1,5 @@
-"""Submitting a job, and reading one back as the job views show it: shared by the native job
-routes (``routes/jobs.py``) and OpenAI's fine-tuning view of the same jobs
-(``routes/openai_jobs.py``)."""
+"""Jobs as the job views submit, read and cancel them: shared by the native job routes
+(``routes/jobs.py``) and OpenAI's fine-tuning view of the same jobs (``routes/openai_jobs.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from sqlalchemy import Connection, Row, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.api.auth import read_owned, where_owned
+from service.api.auth import get_owned, read_owned, where_owned
 from service.api.errors import APIError, invalid_fields
 from service.jobs import quotas, scheduling, states
 from service.jobs.queue import send_token
@@ -108,3 +107,14 @@ def submit_job(
         return Submitted(earlier, None, created=False)
     send_token(celery, job.queue)
     return Submitted(job, None, created=True)
+
+
+def cancel_owned_job(session: Session, tenant_id: str, job_id: str) -> Row:
+    """Cancel the tenant's job (a queued one at once, a running one at its next step); the job
+    as a row of ``JOB_ROWS``. 409 for a job that ended."""
+    job = get_owned(session, Job, tenant_id, job_id, "job")
+    try:
+        states.cancel(session, job)
+    except states.InvalidTransition as err:
+        raise APIError(409, "invalid_transition", str(err)) from None
+    return read_job_row(session, tenant_id, job_id)
