@@ -126,7 +126,6 @@ def _unavailable_error(message: str) -> APIError:
     return APIError(503, "unavailable", message, headers={"Retry-After": RETRY_AFTER})
 
 
-
 def _json_position(doc: Any, pos: Any) -> str:
     if not isinstance(doc, str) or not isinstance(pos, int):
         return ""
