@@ -1,6 +1,7 @@
 """The OpenAPI document, completed with what FastAPI cannot infer: the schemas of server-sent
-events (a stream has no response model) and the largest page each ``limit`` may ask for (a
-setting, not a constant)."""
+events (a stream has no response model), the largest page each ``limit`` may ask for (a
+setting, not a constant); and without FastAPI's own 422 body, which no route answers with
+(the OpenAI routes answer an invalid request with a 400)."""
 
 from __future__ import annotations
 
@@ -35,9 +36,13 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             for name, schema in _event_schemas().items():
                 schemas.setdefault(name, schema)
             for operation in (op for path in document["paths"].values() for op in path.values()):
+                if "HTTPValidationError" in str(operation["responses"].get("422", "")):
+                    del operation["responses"]["422"]
                 for parameter in operation.get("parameters", []):
                     if parameter["in"] == "query" and parameter["name"] == "limit":
                         parameter["schema"]["maximum"] = settings.page_size_max
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
             app.openapi_schema = document
         return app.openapi_schema
 

@@ -225,7 +225,7 @@ class StreamResponse(BaseModel):
     details: StreamDetails | None
 
 
-class StreamError(BaseModel):
+class TGIError(BaseModel):
     """The error body of the TGI routes, and the event of an error after the stream began."""
 
     error: str
@@ -238,6 +238,11 @@ class StreamError(BaseModel):
 # GenerationError for these, and fall back on the status (404: NotFoundError) for the others.
 _TGI_ERROR_TYPES = {400: "validation", 408: "validation", 413: "validation", 415: "validation", 422: "validation",
                     429: "overloaded", 503: "overloaded"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of the TGI routes' errors."""
+    return {status: {"model": TGIError, "description": "an error, in TGI's shape"} for status in statuses}
 
 
 def error_content(status: int, code: str, message: str, field: str | None) -> dict:

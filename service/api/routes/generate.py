@@ -48,7 +48,7 @@ from service.api.tgi import (
     GenerateParameters,
     GenerateRequest,
     GenerateResponse,
-    StreamError,
+    TGIError,
     StreamResponse,
     error_content,
     error_field,
@@ -198,10 +198,10 @@ def _event_schema(model: type) -> dict[str, Any]:
 
 
 # Each event's schema (service.api.openapi adds these models to the document's components).
-STREAM_EVENT_MODELS = (StreamResponse, StreamError)
+STREAM_EVENT_MODELS = (StreamResponse, TGIError)
 _EVENTS = {"text/event-stream": {"schema": {"oneOf": [_event_schema(model) for model in STREAM_EVENT_MODELS]}}}
 _STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": _EVENTS, "description": "one `data: {json}` event per generated token; an error after the stream began: StreamError"}
+    200: {"content": _EVENTS, "description": "one `data: {json}` event per generated token; an error after the stream began: TGIError"}
 }
 _COMPAT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": list[GenerateResponse], "content": _EVENTS, "description": "a list of one /generate response; with stream: true, the events of /generate_stream"},
