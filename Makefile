@@ -20,6 +20,8 @@ $(VENV_PYTHON):
 $(INSTALLED): pyproject.toml | $(VENV_PYTHON)
 	$(VENV_PYTHON) -m pip install -q torch==2.13.0
 	$(VENV_PYTHON) -m pip install -q -e '.[dev]'
+	# TGI's and LoRAX's clients, for the tests: their huggingface-hub<1.0 pin conflicts with transformers 5.
+	$(VENV_PYTHON) -m pip install -q --no-deps 'text-generation>=0.7' 'lorax-client>=0.6'
 	touch $@
 
 run: install

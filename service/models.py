@@ -110,6 +110,9 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(255))
     # Attempts whose worker stopped beating (a stopped worker's give-back is not counted).
     workers_lost: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # What an OpenAI fine-tuning request names its job (POST /v1/fine_tuning/jobs), shown back.
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    user_metadata: Mapped[dict[str, Any] | None]
 
     step: Mapped[int | None] = mapped_column(Integer)
     total_steps: Mapped[int | None] = mapped_column(Integer)

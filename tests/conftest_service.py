@@ -238,6 +238,13 @@ def rlora_command(*args: str) -> list[str]:
     return [str(script), *args] if script.is_file() else [sys.executable, "-m", "service.cli", *args]
 
 
+def cli_tenant_key(home: Path, name: str) -> str:
+    """A new tenant made with ``rlora tenant create`` on the service at ``home``: its API key."""
+    result = subprocess.run(rlora_command("tenant", "create", name), cwd=REPO, env=service_env(home=home), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
 def service_env(**settings) -> dict[str, str]:
     """This environment without any RLORA_* setting, plus ``settings`` as RLORA_<NAME>."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLORA_")}

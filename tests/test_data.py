@@ -345,6 +345,51 @@ def test_chat_labels_only_assistant_turns(tokenizer):
     assert ids[: len(prompt)] == prompt
 
 
+def labelled_segments(tokenizer, encoded) -> list[str]:
+    segments, current = [], []
+    for token, label in zip(encoded["input_ids"], encoded["labels"]):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            segments.append(tokenizer.decode(current))
+            current = []
+    return segments + ([tokenizer.decode(current)] if current else [])
+
+
+def test_an_assistant_turn_of_weight_0_is_context_not_learned(tokenizer):
+    # OpenAI's chat format for fine-tuning: "weight": 0 on an assistant message.
+    record = {
+        "messages": [
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "a poor answer", "weight": 0},
+            {"role": "user", "content": "try again"},
+            {"role": "assistant", "content": "a good answer", "weight": 1},
+        ]
+    }
+    example = validate_dataset(jsonl(record))[0][0]
+    assert example.messages[1]["weight"] == 0 and "weight" not in example.messages[3]
+    encoded = encode_example(tokenizer, example, 512)
+    assert labelled_segments(tokenizer, encoded) == ["a good answer<|eos|>"]
+    assert "a poor answer" in tokenizer.decode(encoded["input_ids"])  # still in the context
+    record["messages"][1]["weight"], record["messages"][3]["weight"] = 1, 0
+    encoded = encode_example(tokenizer, validate_dataset(jsonl(record))[0][0], 512)
+    assert labelled_segments(tokenizer, encoded) == ["a poor answer<|eos|>"]
+
+
+@pytest.mark.parametrize(
+    "messages, field, text",
+    [
+        ([{"role": "user", "content": "q", "weight": 0}, {"role": "assistant", "content": "a"}], "messages[0].weight", "only for assistant"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}], "messages[1].weight", "0 or 1"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": True}], "messages[1].weight", "0 or 1"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}], "messages", "nothing to learn"),
+    ],
+)
+def test_bad_weights_are_refused(messages, field, text):
+    (error,) = errors_of(jsonl({"messages": messages}))
+    assert error.field == field and text in error.message
+
+
 def test_truncation_drops_the_prompt_first(tokenizer):
     example = Example("x" * 100 + "END", "the answer", None)
     encoded = encode_example(tokenizer, example, 24)

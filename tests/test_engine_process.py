@@ -25,6 +25,7 @@ from conftest_service import (
 from fastapi.testclient import TestClient
 from test_service_generate import (  # noqa: F401 - fixtures, and tests run here against the forwarding API
     MAX_NEW_TOKENS,
+    PROMPT,
     app,
     body,
     client,
@@ -188,6 +189,21 @@ def test_stream_events_equal_the_in_process_engine(client, embedded, owner):
         assert sse_events(remote.text) == sse_events(local.text)
     events = sse_events(client.post("/generate_stream", headers=headers, json=body(adapter_id, **GREEDY, details=True)).text)
     assert [e["index"] for e in events] == list(range(1, 13)) and events[-1]["details"]["routing"]
+
+
+def test_openai_routes_forward_as_generate_does(client, embedded, owner):
+    # The chat template is rendered in the API process (the base model's tokenizer, no weights);
+    # the engine process generates, as for /generate.
+    headers, adapter_id = owner
+    chat = {"model": adapter_id, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8, "seed": 3, "logprobs": True}
+    completion = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 0}
+    for path, request in (("/v1/chat/completions", chat), ("/v1/completions", completion)):
+        remote, local = client.post(path, headers=headers, json=request), embedded.post(path, headers=headers, json=request)
+        assert remote.status_code == local.status_code == 200, remote.text
+        strip = lambda body: {key: value for key, value in body.items() if key not in ("id", "created")}  # noqa: E731
+        assert strip(remote.json()) == strip(local.json())
+        streamed = client.post(path, headers=headers, json={**request, "stream": True})
+        assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
 
 
 # --- refusals travel as the engine's own errors ------------------------------------------------

@@ -43,9 +43,42 @@ def test_unknown_route_and_method_use_the_error_shape(client, new_tenant):
     assert error_of(client.put("/v1/files", headers=headers), 405)["code"] == "method_not_allowed"
 
 
+def test_a_405_allows_every_method_of_the_path(client, new_tenant):
+    # GET and POST /v1/files are two route objects; the 405 names both.
+    response = client.put("/v1/files", headers=new_tenant())
+    assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
+    response = client.patch("/v1/files/file-x", headers=new_tenant())
+    assert response.status_code == 405 and response.headers["allow"] == "DELETE, GET"
+
+
+def test_the_openapi_document_says_how_to_authenticate_and_what_is_enforced(client):
+    document = client.get("/openapi.json").json()
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": "an API key; on /v1/admin, RLORA_ADMIN_TOKEN",
+    }
+    paths = document["paths"]
+    assert paths["/v1/files"]["get"]["security"] == [{"bearer": []}] and "security" not in paths["/health"]["get"]
+    assert paths["/generate"]["post"]["security"] == [{"bearer": []}]
+    limits = [p for path in paths.values() for op in path.values() for p in op.get("parameters", []) if p["name"] == "limit"]
+    assert limits and all(p["schema"]["maximum"] == 100 and p["schema"]["minimum"] == 1 for p in limits)
+    schemas = document["components"]["schemas"]
+    assert schemas["GenerateRequest"]["properties"]["inputs"]["minLength"] == 1
+    generated = paths["/generate"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert generated == {"$ref": "#/components/schemas/GenerateResponse"}
+    assert {"generated_text", "details"} <= set(schemas["GenerateResponse"]["properties"])
+    events = paths["/generate_stream"]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]["oneOf"]
+    for ref in events:  # every schema the stream refers to is in the document
+        assert ref["$ref"].rsplit("/", 1)[1] in schemas
+    assert {"input_length", "prompt_tokens"} <= set(schemas["StreamDetails"]["properties"])
+    compat = paths["/"]["post"]["responses"]["200"]["content"]
+    assert compat["application/json"]["schema"]["items"] == {"$ref": "#/components/schemas/GenerateResponse"}
+    assert "text/event-stream" in compat
+
+
 def test_models_lists_tiny(client, new_tenant):
     data = client.get("/v1/models", headers=new_tenant()).json()["data"]
-    assert {"id": "tiny", "object": "model"} in data
+    tiny = next(model for model in data if model["id"] == "tiny")
+    assert tiny["object"] == "model" and tiny["owned_by"] == "system" and tiny["parent"] is None and isinstance(tiny["created"], int)
 
 
 # --- files --------------------------------------------------------------------------------

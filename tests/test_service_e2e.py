@@ -9,13 +9,7 @@ import subprocess
 
 import httpx
 import pytest
-from conftest_service import REPO, dataset, free_port, job_body, rlora_command, service_env, stop_process, wait_for
-
-
-def create_key(home, name: str) -> str:
-    result = subprocess.run(rlora_command("tenant", "create", name), cwd=REPO, env=service_env(home=home), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().splitlines()[-1]
+from conftest_service import REPO, cli_tenant_key, dataset, free_port, job_body, rlora_command, service_env, stop_process, wait_for
 
 
 def test_serve_trains_a_job_for_one_tenant_and_hides_it_from_another(tmp_path, tiny_model_path):
@@ -38,8 +32,8 @@ def test_serve_trains_a_job_for_one_tenant_and_hides_it_from_another(tmp_path, t
                 return False
 
         wait_for(healthy, 60, 0.3, "rlora serve to answer /health")
-        alice = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {create_key(home, 'alice')}"}, timeout=30)
-        bob = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {create_key(home, 'bob')}"}, timeout=30)
+        alice = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {cli_tenant_key(home, 'alice')}"}, timeout=30)
+        bob = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {cli_tenant_key(home, 'bob')}"}, timeout=30)
         again = subprocess.run(rlora_command("tenant", "create", "alice"), cwd=REPO, env=service_env(home=home), capture_output=True, text=True)
         assert again.returncode == 1 and "exists" in again.stderr
 

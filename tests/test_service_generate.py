@@ -91,10 +91,14 @@ def owner(app, client, tiny_model_path):
 
 
 def error_of(response, status: int) -> dict:
+    """The error of a TGI route, checked to be in TGI's shape (``{"error": message,
+    "error_type"}``, plus the service's code and field): as ``{"message", "error_type", "code",
+    "field"}``."""
     assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) <= {"code", "message", "field", "details"} and error["message"]
-    return error
+    error = response.json()
+    assert set(error) <= {"error", "error_type", "code", "field"} and isinstance(error["error"], str) and error["error"], error
+    assert error["error_type"] and error["code"], error
+    return {"message": error["error"], "error_type": error["error_type"], "code": error["code"], "field": error.get("field")}
 
 
 def sse_events(text: str) -> list[dict]:
@@ -220,7 +224,8 @@ def test_stream_tokens_add_up_to_the_final_text(client, owner):
     last = events[-1]
     assert "".join(e["token"]["text"] for e in events if not e["token"]["special"]) == last["generated_text"]
     assert last["details"]["finish_reason"] == "length" and last["details"]["generated_tokens"] == 12
-    assert last["details"]["input_length"] == len(PROMPT.encode()) + 1 and last["details"]["routing"]["per_layer"]
+    n_prompt = len(PROMPT.encode()) + 1
+    assert last["details"]["input_length"] == last["details"]["prompt_tokens"] == n_prompt and last["details"]["routing"]["per_layer"]
     plain = client.post("/generate", headers=headers, json=body(adapter_id, **GREEDY)).json()
     assert last["generated_text"] == plain["generated_text"]
 
@@ -351,7 +356,7 @@ def test_bad_parameters_are_422_naming_the_field(client, owner, parameters, fiel
     request = {"inputs": PROMPT, "parameters": {"adapter_id": adapter_id, **parameters}}
     for path in ("/generate", "/generate_stream", "/"):
         error = error_of(client.post(path, headers=headers, json=request), 422)
-        assert error["code"] == "invalid_request" and error["field"] == field, error
+        assert error["error_type"] == "validation" and error["code"] == "invalid_request" and error["field"] == field, error
 
 
 def test_bad_inputs_are_422(client, owner):

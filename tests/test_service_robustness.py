@@ -22,10 +22,15 @@ JSON = {"content-type": "application/json"}
 
 
 def error_of(response, status: int, code: str | None = None) -> dict:
-    """The error of ``response``, checked to be in the one shape with ``status``."""
+    """The error of ``response``, checked to be in the one shape with ``status`` (on the TGI
+    routes, TGI's ``{"error": message, "error_type"}`` with the same code and field)."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
+    if "error_type" in body:
+        assert response.request.url.path in ("/generate", "/generate_stream", "/"), body
+        assert set(body) <= {"error", "error_type", "code", "field"} and body["error_type"], body
+        body = {"error": {"message": body["error"], **{key: body[key] for key in ("code", "field") if key in body}}}
     assert set(body) == {"error"}, body
     error = body["error"]
     assert set(error) <= {"code", "message", "field", "details"} and error["code"] and error["message"], error
@@ -217,12 +222,15 @@ def test_control_characters_leave_the_filename(client, headers):
 def test_openapi_documents_the_one_error_shape(client):
     schema = client.get("/openapi.json").json()
     assert "HTTPValidationError" not in schema["components"]["schemas"]
-    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    # The routes of other APIs answer in those APIs' shapes (TGI's, OpenAI's), and say so.
+    shapes = {"/generate": "TGIError", "/generate_stream": "TGIError", "/": "TGIError", "/v1/chat/completions": "OpenAIErrorResponse",
+              "/v1/completions": "OpenAIErrorResponse"}
     for path, methods in schema["paths"].items():
+        shape = "OpenAIErrorResponse" if path.startswith("/v1/fine_tuning/") else shapes.get(path, "ErrorResponse")
         for method, operation in methods.items():
             for status, response in operation["responses"].items():
                 if status.startswith(("4", "5")):
-                    assert response["content"]["application/json"]["schema"] == error, (method, path, status)
+                    assert response["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{shape}"}, (method, path, status)
     assert {"401", "415", "422"} <= set(schema["paths"]["/v1/jobs"]["post"]["responses"])
     assert {"401", "404"} <= set(schema["paths"]["/v1/files/{file_id}"]["get"]["responses"])
 
@@ -383,7 +391,7 @@ def test_a_client_that_leaves_leaves_no_unretrieved_future(gen_client, caplog):
 
     from rlora.serve import GenerationParams
     from service.api.inference import get_engine
-    from service.api.routes.generate import _result_unless_client_gone
+    from service.api.generation import _result_unless_client_gone
 
     class Gone:
         async def receive(self):

@@ -12,7 +12,7 @@ _EXPORTS = {
         ".records",
     ),
     **dict.fromkeys(
-        ["IGNORE_INDEX", "Collator", "encode_example", "left_pad", "prompt_ids", "with_bos"], ".tokenize"
+        ["IGNORE_INDEX", "Collator", "chat_prompt", "encode_example", "left_pad", "prompt_ids", "with_bos"], ".tokenize"
     ),
 }
 __all__ = sorted(_EXPORTS)

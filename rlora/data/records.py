@@ -95,7 +95,8 @@ class Example:
     ``prompt`` is the text the model is given and ``answer`` the text it must produce. For an
     Alpaca record ``prompt`` is ``instruction + "\\n\\n" + input`` (just the instruction when
     ``input`` is empty). For a chat record ``messages`` holds the whole conversation (only
-    ``role`` and ``content`` kept) and is what gets tokenized; ``answer`` is its final
+    ``role`` and ``content`` kept, and ``weight`` 0 on an assistant turn that is context, not
+    learned, as OpenAI's chat format marks it) and is what gets tokenized; ``answer`` is its final
     assistant turn and ``prompt`` the message just before it, for display and exact-match eval.
     """
 
@@ -542,10 +543,20 @@ def _chat(record: dict, task: str | None, max_messages: int | None, problems: li
             problems.append((f"{name}.role", f"must be one of {', '.join(CHAT_ROLES)} ({got})"))
             continue
         content = _string(message, "content", problems, non_empty=role == "assistant", prefix=f"{name}.")
-        normalized.append({"role": role, "content": content})
+        turn = {"role": role, "content": content}
+        if "weight" in message and message["weight"] is not None:
+            weight = message["weight"]
+            if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
+                where = "must be 0 or 1" if role == "assistant" else "is only for assistant messages"
+                problems.append((f"{name}.weight", f"{where} (got {weight!r})"))
+            elif weight == 0:
+                turn["weight"] = 0  # a turn given as context, not learned (OpenAI's chat format)
+        normalized.append(turn)
     last = messages[-1]
     if isinstance(last, dict) and last.get("role") in CHAT_ROLES and last["role"] != "assistant":
         problems.append(("messages", "the last message must be the assistant's (it is the answer)"))
+    elif not problems and all(turn.get("weight") == 0 for turn in normalized if turn["role"] == "assistant"):
+        problems.append(("messages", "every assistant message has weight 0: there is nothing to learn"))
     if problems:
         return None
     prompt = normalized[-2]["content"] if len(normalized) > 1 else ""

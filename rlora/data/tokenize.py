@@ -19,7 +19,8 @@ IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy (and HF models) 
 # model's does not). The labelled tokens of an assistant turn are found by tokenizing the
 # conversation up to that turn (with the generation prompt) and through it, and taking the
 # common prefix with the whole conversation's tokens, which holds even when the tokenizer
-# merges across the boundary. Each such turn costs a render and a tokenization of the
+# merges across the boundary; an assistant turn of ``weight`` 0 (OpenAI's chat format) is
+# context, left unlabelled. Each such turn costs a render and a tokenization of the
 # conversation so far, so turns are taken from the last one back and only while truncation
 # keeps them: a conversation of hundreds of turns costs a few of those, not one per turn.
 
@@ -40,14 +41,16 @@ def encode_example(tokenizer: Any, example: Example, max_seq_len: int) -> dict[s
     offset = len(input_ids) - len(unprefixed)
     head = _bos_count(tokenizer, input_ids)
     labels = [IGNORE_INDEX] * len(input_ids)
-    spans = ((offset + start, offset + end) for start, end in _assistant_spans(tokenizer, messages, unprefixed))
-    answer_start, answer_end = next(spans, (len(input_ids), len(input_ids)))
-    labels[answer_start:answer_end] = input_ids[answer_start:answer_end]
+    spans = ((learned, offset + start, offset + end) for learned, start, end in _assistant_spans(tokenizer, messages, unprefixed))
+    learned, answer_start, answer_end = next(spans, (False, len(input_ids), len(input_ids)))
+    if learned:
+        labels[answer_start:answer_end] = input_ids[answer_start:answer_end]
     first_kept = _first_kept(len(input_ids), answer_start, head, max_seq_len)
-    for start, end in spans:
+    for learned, start, end in spans:
         if end <= first_kept:
             break  # truncation drops this turn and every one before it
-        labels[start:end] = input_ids[start:end]
+        if learned:
+            labels[start:end] = input_ids[start:end]
     input_ids, labels = _truncate(input_ids, labels, answer_start, head, max_seq_len)
     if all(label == IGNORE_INDEX for label in labels):
         raise ValueError(f"example has no answer tokens within max_seq_len={max_seq_len}")
@@ -59,8 +62,16 @@ def prompt_ids(tokenizer: Any, example: Example, max_len: int | None = None) -> 
     assistant turn, with the generation prompt; the same tokens ``encode_example`` puts before
     the answer. Over ``max_len``, the oldest tokens after bos are dropped."""
     context = _conversation(example)[:-1]
-    ids = with_bos(tokenizer, _token_ids(tokenizer, _render(tokenizer, context, add_generation_prompt=True)))
+    ids = with_bos(tokenizer, _token_ids(tokenizer, chat_prompt(tokenizer, context)))
     return ids if max_len is None else keep_last(tokenizer, ids, max_len)
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[dict]) -> str:
+    """The text a model is given to answer ``messages`` (``{"role", "content"}``: system, user,
+    assistant): the conversation rendered as training renders it, with the generation prompt,
+    so a model trained on chat records is asked as it was taught. Without a bos token (the
+    engine puts it first, as it does for every prompt)."""
+    return _render(tokenizer, [dict(m) for m in messages], add_generation_prompt=True)
 
 
 def keep_last(tokenizer: Any, ids: Sequence[int], max_len: int) -> list[int]:
@@ -146,9 +157,10 @@ def _token_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict], full: list[int]) -> Iterator[tuple[int, int]]:
+def _assistant_spans(tokenizer: Any, messages: list[dict], full: list[int]) -> Iterator[tuple[bool, int, int]]:
     """``[start, end)`` of each assistant turn within ``full`` (its content and end token),
-    the last turn first; turns that add no token are left out."""
+    the last turn first, and whether it is learned (not ``weight`` 0); turns that add no token
+    are left out."""
     for index in reversed(range(len(messages))):
         if messages[index]["role"] != "assistant":
             continue
@@ -156,7 +168,7 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], full: list[int]) -> I
         through = _token_ids(tokenizer, _render(tokenizer, messages[: index + 1], add_generation_prompt=False))
         start, end = _common_prefix(before, full), _common_prefix(through, full)
         if end > start:
-            yield start, end
+            yield messages[index].get("weight") != 0, start, end
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

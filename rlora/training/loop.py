@@ -225,6 +225,7 @@ def train(
         "head_similarity": head_similarity(model),
         "routing": routing,
         "tokens_per_second": state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
+        "trained_tokens": state.tokens_seen,
         "train_seconds": state.train_seconds,
         "trainable_parameters": trainable_parameters(model),
         "skipped_examples": state.skipped_examples,

@@ -15,7 +15,10 @@ from service.api.body_limit import BodyLimitMiddleware
 from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.inference import close_engine
-from service.api.routes import adapters, admin, files, generate, health, jobs, keys, models, usage
+from service.api.openapi import install_openapi
+from service.api.openai_schemas import error_responses as openai_error_responses
+from service.api.tgi import error_responses as tgi_error_responses
+from service.api.routes import adapters, admin, files, generate, health, jobs, keys, models, openai_inference, openai_jobs, usage
 from service.api.schemas import error_responses
 from service.api.security_headers import SecurityHeadersMiddleware
 from service.api.staging import sweep_staging
@@ -76,15 +79,19 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         (files, (401, 403, 404, 408, 409, 413, 422, 503)),
         (jobs, (401, 403, 404, 408, 409, 413, 415, 422, 429, 503)),
         (adapters, (401, 404, 410, 422, 503)),
-        (models, (401, 503)),
+        (models, (401, 404, 503)),
         (keys, (401, 404, 422, 503)),
         (usage, (401, 503)),
-        (generate, (401, 404, 408, 410, 413, 415, 422, 429, 503)),
     ):
         # The error statuses each route may answer with, in the one shape (not FastAPI's).
         app.include_router(module.router, responses=error_responses(*statuses))
+    # The routes of other APIs, their errors in those APIs' shapes.
+    app.include_router(generate.router, responses=tgi_error_responses(401, 404, 408, 410, 413, 415, 422, 429, 503))
+    for module in (openai_jobs, openai_inference):
+        app.include_router(module.router, responses=openai_error_responses(400, 401, 403, 404, 408, 409, 410, 413, 415, 429, 503))
     if settings.admin_token:
         app.include_router(admin.router, responses=error_responses(401, 404, 408, 409, 413, 415, 422, 503))
+    install_openapi(app, settings)
     return app
 
 

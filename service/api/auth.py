@@ -11,7 +11,8 @@ from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy import Connection, Row, Select, Table, bindparam, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -100,6 +101,13 @@ def _tenant_of_key(connection: Connection, key_hash: str) -> AuthenticatedTenant
 _marked_here: dict[str, datetime] = {}
 
 
+# Declares the bearer scheme in the OpenAPI document (every route that needs a key says so, and
+# /docs has its Authorize button); the header is read and checked by _bearer_hash, which says
+# what is wrong with it.
+bearer_scheme = HTTPBearer(auto_error=False, scheme_name="bearer", description="an API key; on /v1/admin, RLORA_ADMIN_TOKEN")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
+
+
 def _bearer_hash(request: Request) -> str:
     """The sha256 of the request's bearer token (a key, or the admin token)."""
     header = request.headers.get("authorization")
@@ -111,7 +119,7 @@ def _bearer_hash(request: Request) -> str:
     return hash_api_key(key.strip())
 
 
-async def require_admin(request: Request) -> None:
+async def require_admin(request: Request, _bearer: BearerDep) -> None:
     """The admin routes' check: the bearer token is RLORA_ADMIN_TOKEN (the routes are not
     mounted without one). Digests are compared, in constant time, whatever the lengths."""
     if not secrets.compare_digest(_bearer_hash(request), hash_api_key(request.app.state.settings.admin_token)):
@@ -125,7 +133,7 @@ def _checked_tenant(db: Database, key_hash: str) -> AuthenticatedTenant:
         return _tenant_of_key(connection, key_hash)
 
 
-async def current_tenant(request: Request) -> AuthenticatedTenant:
+async def current_tenant(request: Request, _bearer: BearerDep) -> AuthenticatedTenant:
     # Looked up on every request (one indexed query, no cache), so a revoked key stops at once.
     return await run_in_threadpool(_checked_tenant, request.app.state.db, _bearer_hash(request))
 
@@ -161,7 +169,7 @@ class TenantReader:
         return await run_in_threadpool(_read_with_tenant_retried, self._db, self._key_hash, read)
 
 
-async def tenant_reader(request: Request) -> TenantReader:
+async def tenant_reader(request: Request, _bearer: BearerDep) -> TenantReader:
     # The header is checked here, first among the dependencies, as TenantDep checks it.
     return TenantReader(request.app.state.db, _bearer_hash(request))
 

@@ -1,4 +1,9 @@
-"""One JSON error shape for every failure: ``{"error": {"code", "message", "field"?, "details"?}}``."""
+"""One JSON error shape for every failure: ``{"error": {"code", "message", "field"?, "details"?}}``.
+
+Routes that speak another API's wire format answer in its error shape instead: their route
+class has a ``render_error`` (an `APIError` -> the response), which every handler here uses for
+the route that was matched (TGI's on the generate routes, OpenAI's on the OpenAI routes).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from rlora.data import lone_surrogate
 
@@ -115,9 +121,9 @@ _STATUS_CODES = {
 RETRY_AFTER = "5"
 
 
-def unavailable(message: str) -> JSONResponse:
-    """A 503 the client may retry, in the one shape, with Retry-After."""
-    return JSONResponse(error_body("unavailable", message), status_code=503, headers={"Retry-After": RETRY_AFTER})
+def _unavailable_error(message: str) -> APIError:
+    """A 503 the client may retry, with Retry-After."""
+    return APIError(503, "unavailable", message, headers={"Retry-After": RETRY_AFTER})
 
 
 def _json_position(doc: Any, pos: Any) -> str:
@@ -174,10 +180,34 @@ def _unparsable_body(cause: BaseException) -> APIError:
     return invalid("body", message)
 
 
+def _render(err: APIError) -> JSONResponse:
+    return JSONResponse(error_body(err.code, err.message, err.field, err.details), status_code=err.status, headers=err.headers)
+
+
+def error_response(request: Request, err: APIError) -> JSONResponse:
+    """``err`` in the error shape of the route ``request`` matched (the service's by default)."""
+    render = getattr(request.scope.get("route"), "render_error", _render)
+    return render(err)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method a route of the request's path serves: Starlette's 405 names only the first
+    route's, where one path has several route objects (GET and POST /v1/files)."""
+    routes = request.app.router.routes
+    allowed = [
+        method for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.field, exc.details), status_code=exc.status, headers=exc.headers)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(request, exc)
 
     @app.exception_handler(QuotaExceeded)
     async def _quota_exceeded(request: Request, exc: QuotaExceeded) -> JSONResponse:
@@ -192,7 +222,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return await _api_error(request, body_error)
         details = validation_problems(exc.errors())
         if not details:
-            return JSONResponse(error_body("invalid_request", "invalid request"), status_code=422)
+            return error_response(request, APIError(422, "invalid_request", "invalid request"))
         return await _api_error(request, invalid_fields(details))
 
     @app.exception_handler(StarletteHTTPException)
@@ -202,23 +232,26 @@ def install_error_handlers(app: FastAPI) -> None:
             # JSON body, saying what was wrong with it.
             return await _api_error(request, _unparsable_body(exc.__cause__))
         code = _STATUS_CODES.get(exc.status_code, "error")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return error_response(request, APIError(exc.status_code, code, str(exc.detail), headers=headers or None))
 
     @app.exception_handler(OperationalError)
     async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
         # The database is down, unreachable or locked: an outage the client may retry, not a bug.
         log.error("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return unavailable("the database is unavailable; retry later")
+        return error_response(request, _unavailable_error("the database is unavailable; retry later"))
 
     @app.exception_handler(PoolTimeout)
     async def _pool_exhausted(request: Request, exc: PoolTimeout) -> JSONResponse:
         # Every pooled connection stayed busy for RLORA_DATABASE_POOL_TIMEOUT: overload, answered
         # at once so that the client backs off instead of piling on.
         log.warning("no database connection free on %s %s: %s", request.method, request.url.path, exc)
-        return unavailable("the service is overloaded; retry later")
+        return error_response(request, _unavailable_error("the service is overloaded; retry later"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug or an outage, never the client's input: log it whole, answer in the same shape.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+        return error_response(request, APIError(500, "internal_error", "internal server error"))

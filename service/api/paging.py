@@ -15,7 +15,7 @@ from service.ids import could_exist
 from service.settings import Settings
 
 
-def _checked_limit(settings: Settings, limit: int) -> int:
+def checked_limit(settings: Settings, limit: int) -> int:
     if limit > settings.page_size_max:
         raise invalid("limit", f"limit: must be at most {settings.page_size_max}")
     return limit
@@ -46,7 +46,7 @@ async def page_params(
 ) -> PageParams:
     if after is not None and not could_exist(after):
         raise invalid("after", "after: not a cursor (it contains a NUL character); pass the next_cursor of the previous page")
-    return PageParams(limit=_checked_limit(settings, limit), after=after)
+    return PageParams(limit=checked_limit(settings, limit), after=after)
 
 
 async def event_page_params(
@@ -54,7 +54,7 @@ async def event_page_params(
     after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="id of the last event seen (event ids are 32-bit)")] = None,
     limit: Annotated[int, Query(ge=1)] = 100,
 ) -> EventPageParams:
-    return EventPageParams(limit=_checked_limit(settings, limit), after=after)
+    return EventPageParams(limit=checked_limit(settings, limit), after=after)
 
 
 PageDep = Annotated[PageParams, Depends(page_params)]

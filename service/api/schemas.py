@@ -19,20 +19,39 @@ class Page(BaseModel, Generic[T]):
     data: list[T]
     next_cursor: str | None = Field(None, description="pass as ?after= for the next page")
 
+    @computed_field(description="whether there is a next page (OpenAI's name for a next_cursor)")
+    @property
+    def has_more(self) -> bool:
+        return self.next_cursor is not None
+
+
+def unix_seconds(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
 
 class FileOut(BaseModel):
+    """A dataset file: OpenAI's file object (its ``purpose`` is always ``fine-tune``, and a file
+    is ``processed`` once stored: it is checked whole before that), plus what the check found."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: str
     object: Literal["file"] = "file"
     filename: str
     bytes: int
+    created_at: int = Field(description="Unix seconds, as OpenAI's file object")
+    purpose: Literal["fine-tune"] = "fine-tune"
+    status: Literal["processed"] = "processed"
     sha256: str
     format: str
     records: int
     tasks: dict[str, int]
     shapes: dict[str, int]
-    created_at: datetime
+
+    @field_validator("created_at", mode="before")
+    @classmethod
+    def _unix_seconds(cls, value: Any) -> Any:
+        return unix_seconds(value) if isinstance(value, datetime) else value
 
 
 class JobCreate(JobRequest):
@@ -176,8 +195,13 @@ class UsageOut(BaseModel):
 
 
 class ModelOut(BaseModel):
+    """OpenAI's model object: a base model, or one of the caller's adapters (its id)."""
+
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds: when the adapter was made, or the base model installed")
+    owned_by: str = Field(description='"system" for a base model; the tenant\'s id for its adapters')
+    parent: str | None = Field(description="an adapter's base model (null for a base model), as vLLM lists adapters")
 
 
 class Deleted(BaseModel):

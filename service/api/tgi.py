@@ -1,6 +1,7 @@
 """The text-generation-inference (TGI) wire format, as LoRAX speaks it, in one place: the request
 schemas, their conversion to the engine's `GenerationParams`, the response bodies and stream
-events made of its results, and the server-sent event framing of /generate_stream.
+events made of its results (and their schemas, for OpenAPI), the error body, and the server-sent
+event framing of /generate_stream.
 
 TGI and LoRAX clients send every field of their request schema, most as null or at their
 defaults, so every field name of both is declared here and accepted at null or its default; a
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
@@ -105,7 +106,8 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    inputs: StrictStr
+    # Not empty: checked by the route, to answer with TGI's message (the schema says so).
+    inputs: StrictStr = Field(json_schema_extra={"minLength": 1})
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
     @field_validator("parameters", mode="before")
@@ -161,10 +163,94 @@ def stream_event(event: StreamEvent, *, details: bool) -> dict:
         body["details"] = {
             "finish_reason": event.result.finish_reason,
             "generated_tokens": event.result.generated_tokens,
+            # TGI (and huggingface_hub) name the prompt's length input_length; LoRAX prompt_tokens.
             "input_length": event.result.prompt_tokens,
+            "prompt_tokens": event.result.prompt_tokens,
             "seed": event.result.seed,
             "routing": event.result.routing,
         }
+    return body
+
+
+# --- response schemas (OpenAPI; the bodies above are built as dicts, on the hot path) ----------
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class TokenOut(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = Field(description="null for the first prompt token")
+    special: bool
+
+
+class Routing(BaseModel):
+    per_layer: dict[str, dict[str, Any]] = Field(description="each adapted layer's mean head weight over the request")
+    mean_entropy: float
+
+
+class GenerateDetails(BaseModel):
+    finish_reason: FinishReason
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None = Field(description="the sampling seed; null when greedy")
+    prefill: list[TokenOut] = Field(description="the prompt's tokens with decoder_input_details, else empty")
+    tokens: list[TokenOut]
+    routing: Routing | None = Field(description="beyond TGI: null without a router (the base model, plain LoRA)")
+
+
+class GenerateResponse(BaseModel):
+    """``POST /generate``; ``details`` only when asked for."""
+
+    generated_text: str
+    details: GenerateDetails | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: FinishReason
+    generated_tokens: int
+    input_length: int = Field(description="the prompt's tokens (TGI's name)")
+    prompt_tokens: int = Field(description="the prompt's tokens (LoRAX's name)")
+    seed: int | None
+    routing: Routing | None
+
+
+class StreamResponse(BaseModel):
+    """One ``data:`` event of ``/generate_stream``: the last one has ``generated_text`` and
+    (with ``details``) ``details``."""
+
+    index: int
+    token: TokenOut
+    generated_text: str | None
+    details: StreamDetails | None
+
+
+class TGIError(BaseModel):
+    """The error body of the TGI routes, and the event of an error after the stream began."""
+
+    error: str
+    error_type: str = Field(description="validation, overloaded, generation, incomplete_generation; else the error's code")
+    code: str | None = Field(None, description="beyond TGI: the service's error code")
+    field: str | None = Field(None, description="beyond TGI: the field at fault, e.g. parameters.max_new_tokens")
+
+
+# The error types TGI's clients know, by status: they raise ValidationError, OverloadedError,
+# GenerationError for these, and fall back on the status (404: NotFoundError) for the others.
+_TGI_ERROR_TYPES = {400: "validation", 408: "validation", 413: "validation", 415: "validation", 422: "validation",
+                    429: "overloaded", 503: "overloaded"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of the TGI routes' errors."""
+    return {status: {"model": TGIError, "description": "an error, in TGI's shape"} for status in statuses}
+
+
+def error_content(status: int, code: str, message: str, field: str | None) -> dict:
+    """An error as TGI answers one (``{"error", "error_type"}``), with the service's code and field."""
+    error_type = "generation" if code == "generation_failed" else _TGI_ERROR_TYPES.get(status, code)
+    body: dict[str, Any] = {"error": message, "error_type": error_type, "code": code}
+    if field:
+        body["field"] = field
     return body
 
 

@@ -17,6 +17,8 @@ from service.api.staging import staging_file
 from service.settings import Settings
 
 FIELD = "file"
+PURPOSE_FIELD = "purpose"  # OpenAI's files API sends one with the file ("fine-tune")
+_MAX_PURPOSE_BYTES = 64
 
 
 @dataclass
@@ -25,6 +27,7 @@ class Upload:
     filename: str
     size: int
     sha256: str
+    purpose: str | None = None  # the form's purpose field, if it had one
 
 
 def _too_large(limit: int) -> APIError:
@@ -32,7 +35,8 @@ def _too_large(limit: int) -> APIError:
 
 
 class _FilePart:
-    """Collects the ``file`` part of a multipart body into a staged file, hashing as it goes."""
+    """Collects the ``file`` part of a multipart body into a staged file, hashing as it goes,
+    and the short ``purpose`` field."""
 
     def __init__(self, staged, limit: int):
         self.staged = staged
@@ -47,6 +51,8 @@ class _FilePart:
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
         self.ended = False  # the closing boundary was read
+        self.purpose: bytearray | None = None
+        self._in_purpose = False
 
     def callbacks(self) -> dict:
         return {
@@ -62,7 +68,7 @@ class _FilePart:
 
     def _part_begin(self) -> None:
         self._headers = {}
-        self._in_file = False
+        self._in_file = self._in_purpose = False
 
     def _header_field_data(self, data: bytes, start: int, end: int) -> None:
         self._header_field += data[start:end]
@@ -79,8 +85,14 @@ class _FilePart:
         if options.get(b"name") == FIELD.encode() and not self.seen:
             self.seen = self._in_file = True
             self.filename = options.get(b"filename", b"").decode("utf-8", "replace")
+        elif options.get(b"name") == PURPOSE_FIELD.encode() and self.purpose is None:
+            self.purpose = bytearray()
+            self._in_purpose = True
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_purpose:
+            self.purpose += data[start : min(end, start + _MAX_PURPOSE_BYTES + 1 - len(self.purpose))]
+            return
         if not self._in_file or self.too_large:
             return
         chunk = data[start:end]
@@ -92,10 +104,21 @@ class _FilePart:
         self.staged.write(chunk)
 
     def _part_end(self) -> None:
-        self._in_file = False
+        self._in_file = self._in_purpose = False
 
     def _end(self) -> None:
         self.ended = True
+
+
+def _purpose(raw: bytearray | None) -> str | None:
+    if raw is None:
+        return None
+    if len(raw) > _MAX_PURPOSE_BYTES:
+        raise invalid(PURPOSE_FIELD, f"purpose: at most {_MAX_PURPOSE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(PURPOSE_FIELD, "purpose: not valid UTF-8") from None
 
 
 async def receive_upload(request: Request, settings: Settings) -> Upload:
@@ -137,7 +160,7 @@ async def receive_upload(request: Request, settings: Settings) -> Upload:
         # NUL and other control characters out: no use in a name, and PostgreSQL refuses NUL.
         name = "".join(ch for ch in (part.filename or "") if ch.isprintable() or ch == " ")
         filename = PurePath(name.replace("\\", "/")).name[:255] or "dataset"
-        return Upload(path=path, filename=filename, size=part.size, sha256=part.sha.hexdigest())
+        return Upload(path=path, filename=filename, size=part.size, sha256=part.sha.hexdigest(), purpose=_purpose(part.purpose))
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -16,7 +16,7 @@ from service.api.paging import PageDep
 from service.api.schemas import Deleted, FileOut, Page
 from service.settings import Settings
 from service.jobs.storage import remove_blob_if_unused, store_blob
-from service.api.uploads import FIELD, Upload, receive_upload
+from service.api.uploads import FIELD, PURPOSE_FIELD, Upload, receive_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"], route_class=SessionRoute)
 
@@ -74,7 +74,10 @@ _MULTIPART_BODY = {
                 "schema": {
                     "type": "object",
                     "required": [FIELD],
-                    "properties": {FIELD: {"type": "string", "format": "binary", "description": "JSONL or a JSON array"}},
+                    "properties": {
+                        FIELD: {"type": "string", "format": "binary", "description": "JSONL or a JSON array"},
+                        PURPOSE_FIELD: {"type": "string", "enum": ["fine-tune"], "description": "optional (OpenAI's files API sends it)"},
+                    },
                 }
             }
         },
@@ -86,6 +89,11 @@ _MULTIPART_BODY = {
 async def upload_file(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> FileOut:
     upload = await receive_upload(request, settings)
     try:
+        if upload.purpose not in (None, "fine-tune"):
+            raise APIError(
+                422, "invalid_request", f"purpose: {upload.purpose!r} is not supported; files here are datasets, purpose 'fine-tune'",
+                field=PURPOSE_FIELD,
+            )
         file = await run_in_threadpool(_validate_and_store, session=session, settings=settings, tenant_id=tenant.id, upload=upload)
     finally:
         upload.path.unlink(missing_ok=True)

@@ -24,44 +24,33 @@ The engine is this process's, or the `rlora engine` processes it forwards to
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from sqlalchemy import select
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from rlora.serve import (
-    AdapterUnusable,
-    AdapterTooLarge,
-    EngineClosed,
-    EngineOverloaded,
-    GenerationParams,
-    GenerationResult,
-    GenerationValidationError,
-    NonFiniteScores,
-    RequestFailed,
-)
-from rlora.adapter.folder import AdapterMismatchError
-from rlora.basemodels import UnknownBaseModel
+from rlora.serve import EngineClosed, GenerationParams, GenerationResult, GenerationValidationError, RequestFailed
 
 from service.api.auth import TenantDep
 from service.api.deps import SessionDep
 from service.api.errors import APIError, invalid, not_found, reject_lone_surrogates
-from service.ids import could_exist
-from service.api.inference import Engine, Handle, get_engine
+from service.api.generation import CLIENT_CLOSED_REQUEST, Fields, Target, result_unless_client_gone, submit, tenant_adapter
+from service.api.inference import Handle, get_engine
 from service.engine.client import EngineUnavailable
 from service.engine.streaming import RequestStreamResponse
-from service.models import Adapter
 from service.api.tgi import (
     CompatGenerateRequest,
     GenerateParameters,
     GenerateRequest,
+    GenerateResponse,
+    TGIError,
+    StreamResponse,
+    error_content,
     error_field,
     generate_response,
     sse,
@@ -71,19 +60,18 @@ from service.api.tgi import (
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["generate"])
 
-# nginx's "client closed request": what a /generate whose client left "answers" (nobody reads it).
-CLIENT_CLOSED_REQUEST = 499
+class TGIRoute(APIRoute):
+    """A route whose errors are in TGI's shape, ``{"error", "error_type"}``, as its clients parse them."""
+
+    @staticmethod
+    def render_error(err: APIError) -> JSONResponse:
+        return JSONResponse(error_content(err.status, err.code, err.message, err.field), status_code=err.status, headers=err.headers)
 
 
-@dataclass(frozen=True)
-class Target:
-    """The adapter a request runs with (None: the default base model)."""
+router = APIRouter(tags=["generate"], route_class=TGIRoute)
 
-    adapter_id: str
-    path: str
-    base_model: str
+FIELDS = Fields(parameter=error_field, adapter="parameters.adapter_id")
 
 
 # --- request preparation ---------------------------------------------------------------------
@@ -121,11 +109,9 @@ def _lookup_adapter(session: Session, tenant_id: str, p: GenerateParameters) -> 
     adapter_id = p.adapter_id
     if not adapter_id:
         return None  # null or "" (LoRAX's "no adapter"): the base model
-    row = None
-    if could_exist(adapter_id):
-        row = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.id == adapter_id))
-    if row is not None:
-        return Target(adapter_id=row.id, path=row.path, base_model=row.base_model)
+    target = tenant_adapter(session, tenant_id, adapter_id)
+    if target is not None:
+        return target
     if _looks_like_path_or_hub_id(adapter_id):
         raise invalid(
             "parameters.adapter_id",
@@ -150,72 +136,7 @@ async def _prepare(body: GenerateRequest, tenant_id: str, session: Session) -> t
     return params, target
 
 
-async def _submit(engine: Engine, inputs: str, params: GenerationParams, target: Target | None, tenant_id: str) -> Handle:
-    kwargs: dict[str, Any] = {"tenant": tenant_id}  # the engine's queues and caps are per tenant
-    if target is not None:
-        kwargs.update(adapter_id=target.adapter_id, adapter_path=target.path, base_model=target.base_model)
-    try:
-        return await engine.asubmit(inputs, params, **kwargs)
-    except GenerationValidationError as err:
-        raise invalid(error_field(err.field), str(err)) from None
-    except AdapterMismatchError as err:
-        raise APIError(422, "adapter_mismatch", str(err), field="parameters.adapter_id") from None
-    except AdapterUnusable as err:
-        raise APIError(422, "adapter_unusable", str(err), field="parameters.adapter_id") from None
-    except AdapterTooLarge as err:
-        raise APIError(503, "adapter_too_large", f"{err}; raise RLORA_ADAPTER_CACHE_BYTES") from None
-    except FileNotFoundError:
-        if target is None:
-            raise  # a base model's files: the server's problem (500)
-        # The row exists but its folder is gone (as GET /v1/adapters/{id}/download says).
-        raise APIError(410, "adapter_files_missing", f"the files of adapter {target.adapter_id} are no longer on disk") from None
-    except UnknownBaseModel as err:
-        raise APIError(404, "not_found", str(err)) from None
-    except EngineOverloaded as err:
-        raise APIError(429, "too_many_requests", str(err), headers={"Retry-After": "1"}) from None
-    except (EngineClosed, EngineUnavailable) as err:
-        raise _engine_gone(err) from None
-
-
-def _failed_alone(err: RequestFailed, target: Target | None) -> APIError:
-    """A request that failed on its own after it was queued (the others went on)."""
-    if isinstance(err, NonFiniteScores):
-        return APIError(422, "adapter_unusable", str(err), field="parameters.adapter_id" if target else None)
-    return APIError(503, "generation_failed", str(err), headers={"Retry-After": "1"})
-
-
-def _engine_gone(err: EngineClosed | EngineUnavailable) -> APIError:
-    if isinstance(err, EngineUnavailable):  # no engine process reachable, or it went away
-        return APIError(503, "engine_unavailable", str(err), headers={"Retry-After": "1"})
-    return APIError(503, "unavailable", "the inference engine is shutting down")
-
-
 # --- /generate -------------------------------------------------------------------------------
-
-
-async def _client_gone(request: Request) -> None:
-    """Returns when the client disconnects (the body was read already, so the next ASGI message
-    is ``http.disconnect``)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _result_unless_client_gone(request: Request, handle: Handle) -> GenerationResult | None:
-    """The request's result, or None when the client went away first (its work is cancelled)."""
-    result = asyncio.ensure_future(handle.aresult())
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if result.done():
-            return result.result()
-        return None
-    finally:
-        gone.cancel()
-        if not result.done():
-            handle.cancel()
-            result.cancel()
 
 
 def _generate_headers(result: GenerationResult) -> dict[str, str]:
@@ -225,13 +146,8 @@ def _generate_headers(result: GenerationResult) -> dict[str, str]:
 async def _generate(request: Request, body: GenerateRequest, tenant_id: str, session: Session, *, as_list: bool) -> Response:
     engine = get_engine(request.app)  # first: a process that serves no generation says so at once
     params, target = await _prepare(body, tenant_id, session)
-    handle = await _submit(engine, body.inputs, params, target, tenant_id)
-    try:
-        result = await _result_unless_client_gone(request, handle)
-    except (EngineClosed, EngineUnavailable) as err:
-        raise _engine_gone(err) from None
-    except RequestFailed as err:
-        raise _failed_alone(err, target) from None
+    handle = await submit(engine, body.inputs, params, target, tenant_id, FIELDS)
+    result = await result_unless_client_gone(request, handle, target, FIELDS)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     content = generate_response(result, details=params.details)
@@ -271,18 +187,28 @@ async def _events(handle: Handle, details: bool) -> AsyncIterator[bytes]:
 async def _generate_stream(request: Request, body: GenerateRequest, tenant_id: str, session: Session) -> Response:
     engine = get_engine(request.app)  # first: a process that serves no generation says so at once
     params, target = await _prepare(body, tenant_id, session)
-    handle = await _submit(engine, body.inputs, params, target, tenant_id)
+    handle = await submit(engine, body.inputs, params, target, tenant_id, FIELDS)
     return EventStreamResponse(handle, params.details)
 
 
 # --- routes ----------------------------------------------------------------------------------
 
+def _event_schema(model: type) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+# Each event's schema (service.api.openapi adds these models to the document's components).
+STREAM_EVENT_MODELS = (StreamResponse, TGIError)
+_EVENTS = {"text/event-stream": {"schema": {"oneOf": [_event_schema(model) for model in STREAM_EVENT_MODELS]}}}
 _STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {}}, "description": "one `data: {json}` event per generated token"}
+    200: {"content": _EVENTS, "description": "one `data: {json}` event per generated token; an error after the stream began: TGIError"}
+}
+_COMPAT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": list[GenerateResponse], "content": _EVENTS, "description": "a list of one /generate response; with stream: true, the events of /generate_stream"},
 }
 
 
-@router.post("/generate", response_class=JSONResponse)
+@router.post("/generate", response_class=JSONResponse, responses={200: {"model": GenerateResponse}})
 async def generate(body: GenerateRequest, request: Request, tenant: TenantDep, session: SessionDep) -> Response:
     """TGI's /generate: ``{"generated_text"}``, plus ``details`` when asked for."""
     return await _generate(request, body, tenant.id, session, as_list=False)
@@ -294,7 +220,7 @@ async def generate_stream(body: GenerateRequest, request: Request, tenant: Tenan
     return await _generate_stream(request, body, tenant.id, session)
 
 
-@router.post("/", response_class=JSONResponse, responses=_STREAM_RESPONSES)
+@router.post("/", response_class=JSONResponse, responses=_COMPAT_RESPONSES)
 async def compat_generate(body: CompatGenerateRequest, request: Request, tenant: TenantDep, session: SessionDep) -> Response:
     """TGI's compatibility route: the event stream when ``stream`` is true, else a list of one
     /generate response."""

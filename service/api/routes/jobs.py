@@ -2,39 +2,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import Connection, Row, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep, get_owned, read_owned, where_owned
+from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep
 from service.api.deps import CeleryDep, SessionDep, SessionRoute, SettingsDep
-from service.api.errors import APIError, invalid_fields, reject_lone_surrogates
+from service.api.errors import reject_lone_surrogates
+from service.api.job_store import IDEMPOTENCY_HEADER, JOB_ROWS, cancel_owned_job, read_job_row, submit_job
 from service.api.paging import EventPageDep, PageDep, page
 from service.api.schemas import JobCreate, JobError, JobEventOut, JobMetrics, JobOut, Page, Progress
-from service.jobs import quotas, scheduling, states
-from service.jobs.queue import send_token
-from service.jobs.requests import InvalidJobRequest, check_job, request_hash
+from service.jobs.requests import request_hash
 from service.jobs.states import Status
-from service.models import Adapter, Job, JobEvent, JobFile
+from service.models import Job, JobEvent
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=SessionRoute)
-
-IDEMPOTENCY_HEADER = "Idempotency-Key"
-
-
-# A job's columns and its adapter's id (None until it succeeds): what JobOut shows.
-_JOB_ROWS = select(Job.__table__, Adapter.__table__.c.id.label("adapter_id")).outerjoin(
-    Adapter.__table__, Adapter.__table__.c.job_id == Job.__table__.c.id
-)
-_OWNED_JOB_ROWS = where_owned(_JOB_ROWS, Job.__table__)
-
-
-def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    return get_owned(session, Job, tenant_id, job_id, "job")
-
-
-def read_job_row(connection: Connection | Session, tenant_id: str, job_id: str) -> Row:
-    """The tenant's job as a row of ``_JOB_ROWS``."""
-    return read_owned(connection, _OWNED_JOB_ROWS, tenant_id, job_id, "job")
 
 
 def job_out(job: Job | Row, adapter_id: str | None) -> JobOut:
@@ -53,17 +32,6 @@ def job_out(job: Job | Row, adapter_id: str | None) -> JobOut:
     )
 
 
-def _replay(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
-    """The job an earlier submission with this key created, if it was the same request."""
-    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
-    if job is not None and job.request_hash != digest:
-        raise APIError(
-            422, "idempotency_key_reused", f"{IDEMPOTENCY_HEADER} {key!r} was used for a different request (job {job.id})",
-            field=IDEMPOTENCY_HEADER,
-        )
-    return job
-
-
 @router.post("", status_code=201)
 def create_job(
     body: JobCreate,
@@ -75,47 +43,10 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER, min_length=1, max_length=255)] = None,
 ) -> JobOut:
     reject_lone_surrogates(body.model_dump())
-    digest = request_hash(body)
-    if idempotency_key is not None:
-        earlier = _replay(session, tenant.id, idempotency_key, digest)
-        if earlier is not None:
-            response.status_code = 200
-            row = read_job_row(session, tenant.id, earlier.id)
-            return job_out(row, row.adapter_id)
-
-    try:
-        checked = check_job(session, settings, tenant.id, body)
-    except InvalidJobRequest as err:
-        raise invalid_fields(err.problems) from None
-    # Counted and inserted under the tenant's lock: concurrent submissions cannot all see
-    # room for one more.
-    scheduling.lock_tenant(session, tenant.id)
-    active = scheduling.active_jobs(session, tenant.id)
-    if active >= settings.max_active_jobs_per_tenant:
-        session.rollback()
-        raise APIError(429, "too_many_jobs", f"{active} jobs are queued or running; the limit is {settings.max_active_jobs_per_tenant}")
-    quotas.check_job_submission(session, settings, tenant.id)  # the lock goes with the session on a refusal
-
-    job = checked.job
-    job.idempotency_key = idempotency_key
-    job.request_hash = digest
-    session.add(job)
-    try:
-        session.flush()
-        session.add_all(JobFile(job_id=job.id, file_id=file_id, tenant_id=tenant.id) for file_id in checked.file_ids)
-        states.add_event(session, job, "created", {"queue": job.queue})
-        session.commit()
-    except IntegrityError:
-        # Either a concurrent submission with the same key won the insert (answer with its
-        # job), or a file of the mixture was deleted meanwhile.
-        session.rollback()
-        earlier = _replay(session, tenant.id, idempotency_key, digest) if idempotency_key else None
-        if earlier is None:
-            raise APIError(409, "conflict", "a file of the mixture was deleted during submission; check the files and submit again") from None
+    submitted = submit_job(session, settings, celery, tenant.id, body, digest=request_hash(body), idempotency_key=idempotency_key)
+    if not submitted.created:
         response.status_code = 200
-        return job_out(earlier, None)
-    send_token(celery, job.queue)
-    return job_out(job, None)
+    return job_out(submitted.job, submitted.adapter_id)
 
 
 @router.get("")
@@ -125,7 +56,7 @@ async def list_jobs(
     status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
 ) -> Page[JobOut]:
     def read(connection: Connection, tenant: AuthenticatedTenant) -> Page[JobOut]:
-        query = _JOB_ROWS.where(Job.tenant_id == tenant.id)
+        query = JOB_ROWS.where(Job.tenant_id == tenant.id)
         if status is not None:
             query = query.where(Job.status == status)
         rows, cursor = page(connection, query, Job.id, params)
@@ -145,12 +76,7 @@ async def read_job(job_id: str, read_as_tenant: TenantReaderDep) -> JobOut:
 
 @router.post("/{job_id}/cancel")
 def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
-    job = get_job(session, tenant.id, job_id)
-    try:
-        states.cancel(session, job)
-    except states.InvalidTransition as err:
-        raise APIError(409, "invalid_transition", str(err)) from None
-    row = read_job_row(session, tenant.id, job_id)
+    row = cancel_owned_job(session, tenant.id, job_id)
     return job_out(row, row.adapter_id)
 
 
