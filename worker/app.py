@@ -10,11 +10,14 @@ import threading
 from functools import cache
 
 from celery.apps.worker import install_worker_term_handler
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import setup_logging, worker_ready, worker_shutdown, worker_shutting_down
+from prometheus_client import start_http_server
 
 from service.db import Database
 from service.jobs.queue import TASK_NAME, create_celery
 from service.jobs.reconciler import Reconciler, start_reconciler, top_up
+from service.logs import configure_logging, quiet_progress_bars
+from service.metrics import worker_metrics
 from service.settings import get_settings
 from worker.runner import run_next
 
@@ -49,6 +52,14 @@ def next_job(self, queue: str) -> None:
 _reconciler: list[Reconciler] = []
 
 
+@setup_logging.connect
+def _log_as_the_service(loglevel=None, **_) -> None:
+    # Handled here, Celery leaves logging alone: the service's format and level (the
+    # command's --log-level reaches the worker as RLORA_LOG_LEVEL), no redirected stdout.
+    configure_logging(settings.log_level or "info", settings.log_format)
+    quiet_progress_bars()
+
+
 @worker_ready.connect
 def _on_ready(sender, **_) -> None:
     # Every stop signal is a warm shutdown. Celery's cold one (SIGQUIT, a second SIGINT)
@@ -58,6 +69,8 @@ def _on_ready(sender, **_) -> None:
     for signal_name in ("SIGTERM", "SIGQUIT", "SIGINT"):
         install_worker_term_handler(sender.controller, sig=signal_name)
     _reconciler.append(start_reconciler(settings, database(), app))
+    if settings.worker_metrics_port is not None:
+        start_http_server(settings.worker_metrics_port, registry=worker_metrics().registry)
 
 
 @worker_shutting_down.connect

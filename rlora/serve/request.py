@@ -9,6 +9,7 @@ from token ids (length, eos); the output thread the stop sequences, which need t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -30,6 +31,7 @@ class ActiveRequest:
     stopping: StopCriteria
     decoder: IncrementalDecoder
     tenant: str = ""  # whose request: queues and caps are per tenant
+    submitted_at: float = field(default_factory=time.monotonic)  # for the time to its first token
     # The decode loop's.
     slot: int = -1  # its row of the KV cache and of the sampler
     adapter_slot: int = -1  # its adapter's slot in the tables (-1: none)

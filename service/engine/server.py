@@ -3,6 +3,7 @@ small internal HTTP app that API processes forward generation to (`service.engin
 
     GET    /health                  the process answers (no token needed)
     GET    /info                    device, loaded base models, the engine's stats()
+    GET    /metrics                 Prometheus: generation, adapter cache, base models (no token needed)
     POST   /generate                a request -> JSON lines, one per token (`protocol`)
     DELETE /adapters/{adapter_id}   drop a deleted adapter from the cache
 
@@ -33,6 +34,7 @@ from rlora.serve import InferenceEngine, RequestCancelled, RequestHandle
 from service.engine.local import make_engine
 from service.engine.protocol import MEDIA_TYPE, REFUSAL_STATUS, TOKEN_HEADER, error_json, error_line, event_line, refusal_status
 from service.engine.streaming import RequestStreamResponse
+from service.metrics import CONTENT_TYPE, EngineCollector, exposition, process_registry
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,12 @@ def create_engine_app(engine: InferenceEngine, token: str | None = None) -> Star
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    collectors = (process_registry(), EngineCollector(engine.stats))
+
+    async def metrics(request: Request) -> Response:
+        # Counts and timings only, no tenant's data: open to the scraper, as /health is.
+        return Response(exposition(*collectors), media_type=CONTENT_TYPE)
 
     async def info(request: Request) -> Response:
         if not authorized(request):
@@ -103,6 +111,7 @@ def create_engine_app(engine: InferenceEngine, token: str | None = None) -> Star
         routes=[
             Route("/health", health),
             Route("/info", info),
+            Route("/metrics", metrics),
             Route("/generate", generate, methods=["POST"]),
             Route("/adapters/{adapter_id}", evict, methods=["DELETE"]),
         ],
@@ -127,7 +136,8 @@ def serve_engine(settings: Settings, *, host: str, port: int, device: str | None
         log.warning("the engine listens on %s without RLORA_ENGINE_TOKEN: anyone who reaches it can generate", host)
     log.info("engine on %s, base models loaded: %s", engine.device, json.dumps(engine.loaded_base_models()))
     uvicorn.run(
-        create_engine_app(engine, settings.engine_token), host=host, port=port, log_level="info",
+        # Logging is the command's (service.logs): uvicorn's own set-up and access lines left out.
+        create_engine_app(engine, settings.engine_token), host=host, port=port, log_config=None, access_log=False,
         timeout_graceful_shutdown=DRAIN_SECONDS,
     )
     return 0
