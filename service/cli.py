@@ -319,6 +319,7 @@ def _worker(settings: Settings, queues: str | None) -> int:
     from worker.app import app
 
     app.worker_main([
+        "--quiet",  # Celery's: no banner (what it says is in the settings and the first events)
         "worker",
         # One job per process: the trainer itself uses every core (or the GPU).
         "--pool=solo",
@@ -326,7 +327,6 @@ def _worker(settings: Settings, queues: str | None) -> int:
         f"--queues={','.join(queue_name(settings, c) for c in classes)}",
         f"--hostname=rlora-{os.getpid()}@%h",
         f"--loglevel={(settings.log_level or 'info').upper()}",
-        "--quiet",  # no banner: its configuration is in the settings and the first events
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

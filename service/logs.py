@@ -27,8 +27,9 @@ LEVELS = ("debug", "info", "warning", "error")
 # (the tenant is known only once the request's key is checked, deeper than the block binding it).
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("rlora_log_context", default=None)
 
-# What a LogRecord holds of its own: anything else on a record came from ``extra=``.
-_RECORD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# What a LogRecord holds of its own: anything else on a record came from ``extra=`` (but
+# uvicorn's message with terminal colours, a copy of the message).
+_RECORD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 
 # Libraries whose INFO lines are noise to an operator (Alembic's plugin and migration lines on
 # every command that checks the schema, Celery's per-task receipts), shown from --log-level debug.
@@ -121,10 +122,12 @@ def configure_logging(level: str, log_format: str = "auto", stream: TextIO | Non
     root.setLevel(numeric)
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
-    # uvicorn's own loggers write through the root (its access lines are replaced by ours).
+    # uvicorn's own loggers write through the root; its access lines are replaced by ours
+    # (service.api.telemetry: one event per request, with its ids).
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.captureWarnings(True)  # warnings.warn as events, not stray stderr lines
 
 

@@ -16,7 +16,20 @@ import sys
 import threading
 
 import pytest
-from conftest_service import REPO, dataset, database_url, make_settings, service_env, submit_job, upload
+import httpx
+from conftest_service import (
+    REPO,
+    dataset,
+    database_url,
+    free_port,
+    make_settings,
+    rlora_command,
+    service_env,
+    stop_process,
+    submit_job,
+    upload,
+    wait_until_answering,
+)
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -182,3 +195,36 @@ def test_one_shot_commands_are_quiet_by_default(tmp_path):
     assert told.returncode == 0, told.stderr
     events = [json.loads(line) for line in told.stderr.splitlines()]
     assert any(e["logger"].startswith("alembic") for e in events)
+
+
+def test_several_api_processes_report_their_requests_together(tmp_path):
+    """`rlora serve --workers 2`: whichever process answers a scrape reports every process's
+    requests (prometheus_client's multiprocess mode, in a folder removed at exit); the log is
+    JSON lines, one event per request, and uvicorn's own access lines are not there."""
+    home, port = tmp_path / "home", free_port()
+    env = service_env(HOME=str(home), INFERENCE_IN_API="false", LOG_FORMAT="json")
+    env["PYTHONPATH"] = str(REPO)
+    env["TMPDIR"] = str(tmp_path)  # where the command makes its metrics folder
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            rlora_command("serve", "--no-worker", "--workers", "2", "--port", str(port)), env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_answering(f"{base}/health", process, log_path)
+        for _ in range(12):
+            with httpx.Client() as fresh:  # a connection each, so both processes answer some
+                assert fresh.get(f"{base}/v1/models").status_code == 401
+        for _ in range(4):  # every scrape, whichever process answers it, sees all twelve
+            with httpx.Client() as fresh:
+                metrics = samples(fresh.get(f"{base}/metrics").text)
+            assert value(metrics, "rlora_http_requests_total", method="GET", route="/v1/models", status="401") == 12
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("rlora-metrics-")]
+    finally:
+        stop_process(process, timeout=30)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("rlora-metrics-")], "the metrics folder is removed"
+    events = [json.loads(line) for line in log_path.read_text().splitlines()]
+    refused = [e for e in events if e["logger"] == "service.access" and e["route"] == "/v1/models"]
+    assert len(refused) == 12 and len({e["request_id"] for e in refused}) == 12
+    assert not [e for e in events if e["logger"] == "uvicorn.access"]
