@@ -6,6 +6,7 @@ runs the next job its queue may start (worker.runner), chosen by the database.
 
 from __future__ import annotations
 
+import logging
 import threading
 from functools import cache
 
@@ -20,6 +21,8 @@ from service.logs import configure_logging, quiet_progress_bars
 from service.metrics import worker_metrics
 from service.settings import get_settings
 from worker.runner import run_next
+
+log = logging.getLogger(__name__)
 
 settings = get_settings()
 app = create_celery(settings)
@@ -66,16 +69,18 @@ def _on_ready(sender, **_) -> None:
     # cancels the running task from inside the signal handler, which with the solo pool
     # raises NotImplementedError in the middle of a training step; the warm one only sets
     # flags, and the job gives itself back within a step (worker.runner).
+    # Not verbose: Celery would print its line to stdout; the event below says it in the log.
     for signal_name in ("SIGTERM", "SIGQUIT", "SIGINT"):
-        install_worker_term_handler(sender.controller, sig=signal_name)
+        install_worker_term_handler(sender.controller, sig=signal_name, verbose=False)
     _reconciler.append(start_reconciler(settings, database(), app))
     if settings.worker_metrics_port is not None:
         start_http_server(settings.worker_metrics_port, registry=worker_metrics().registry)
 
 
 @worker_shutting_down.connect
-def _stop_the_running_job(**_) -> None:
+def _stop_the_running_job(sig=None, **_) -> None:
     shutting_down.set()
+    log.info("worker stopping (%s): a running job goes back to the queue at its next step", sig)
 
 
 @worker_shutdown.connect
