@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as err:
         print(f"error: invalid RLORA_* environment setting:\n{err}", file=sys.stderr)
         return 2
-    _set_up_logging(settings, args.log_level, args.command)
+    log_level = _set_up_logging(settings, args.log_level, args.command)
     if args.command == "train":
         return _train(settings, args.config)
     if args.command == "serve":
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device, base_models=args.base_models,
         )
     if args.command == "worker":
-        return _worker(settings, args.queues)
+        return _worker(settings, args.queues, log_level)
     if args.command == "migrate":
         _migrate(settings)
         print(f"database at head: {_display_url(settings.database)}")
@@ -150,14 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     return _create_tenant(settings, args.name)
 
 
-def _set_up_logging(settings: Settings, flag: str | None, command: str) -> None:
+def _set_up_logging(settings: Settings, flag: str | None, command: str) -> str:
     """This process's logging (service.logs), and its children's: the API's uvicorn processes
-    and the embedded worker read the level from RLORA_LOG_LEVEL, as the flag sets it."""
+    and the embedded worker read the level from RLORA_LOG_LEVEL, as the flag sets it. The level."""
     level = flag or settings.log_level or ("info" if command in _SERVICE_COMMANDS else "warning")
     os.environ["RLORA_LOG_LEVEL"] = level
     configure_logging(level, settings.log_format)
     if command in _SERVICE_COMMANDS:
         quiet_progress_bars()
+    return level
 
 
 def _train(settings: Settings, config_path: str) -> int:
@@ -180,7 +181,8 @@ def _train(settings: Settings, config_path: str) -> int:
     except ValueError as err:
         print(f"rlora train: {err}", file=sys.stderr)
         return 2
-    bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr)
+    # disable=None: a bar on a terminal only (elsewhere its first frame is a stray "0step" line).
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr, disable=None)
 
     def progress(p: Progress) -> None:
         bar.total = p.total_steps
@@ -307,7 +309,7 @@ def _print_keys(rows: list) -> None:
         print("  ".join(str(value).ljust(width) for value, width in zip(line, widths)).rstrip())
 
 
-def _worker(settings: Settings, queues: str | None) -> int:
+def _worker(settings: Settings, queues: str | None, log_level: str) -> int:
     from service.jobs.queue import DEVICE_CLASSES, queue_name
 
     classes = [q.strip() for q in (queues or settings.worker_queues or _host_device_class()).split(",") if q.strip()]
@@ -326,7 +328,7 @@ def _worker(settings: Settings, queues: str | None) -> int:
         "--concurrency=1",
         f"--queues={','.join(queue_name(settings, c) for c in classes)}",
         f"--hostname=rlora-{os.getpid()}@%h",
-        f"--loglevel={(settings.log_level or 'info').upper()}",
+        f"--loglevel={log_level.upper()}",  # to the logging set-up of worker.app
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

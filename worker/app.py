@@ -57,9 +57,10 @@ _reconciler: list[Reconciler] = []
 
 @setup_logging.connect
 def _log_as_the_service(loglevel=None, **_) -> None:
-    # Handled here, Celery leaves logging alone: the service's format and level (the
-    # command's --log-level reaches the worker as RLORA_LOG_LEVEL), no redirected stdout.
-    configure_logging(settings.log_level or "info", settings.log_format)
+    # Handled here, Celery leaves logging alone: the service's format, at the level of
+    # Celery's --loglevel (`rlora worker` passes its own), and no redirected stdout.
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else loglevel
+    configure_logging(str(level or settings.log_level or "info").lower(), settings.log_format)
     quiet_progress_bars()
 
 

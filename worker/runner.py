@@ -236,7 +236,8 @@ class _Run:
             if not states.finish(session, self.job, self.attempt, status, data, **values):
                 return None
         self._drop_outputs(status)
-        log.info("job %s %s%s", self.job.id, status, f": {error[1]}" if error else "")
+        # The error's code only: its message may quote the tenant's data (it is the job's, in the database).
+        log.info("job %s %s%s", self.job.id, status, f" ({error[0]})" if error else "")
         return status
 
     def _give_back(self) -> Status | None:
