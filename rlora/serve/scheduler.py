@@ -538,19 +538,18 @@ class BaseModelRunner:
     def _deliver(self, items: list[tuple[ActiveRequest, int, float, str | None, dict | None]]) -> None:
         accepted = 0
         for request, token, logprob, reason, routing in items:
-            before = len(request.generated)
             try:
-                request.accept(token, logprob, token in self.special_ids, reason, routing)
+                taken = request.accept(token, logprob, token in self.special_ids, reason, routing)
             except Exception as err:  # noqa: BLE001 - this request fails, the others go on
                 request.handle._close(error=err)
                 continue
-            if len(request.generated) == before:
+            if not taken:
                 continue  # it had ended already
             accepted += 1
-            if before == 0:
+            if len(request.generated) == 1:
                 self.observer.first_token(self.name, time.monotonic() - request.submitted_at)
-            if request.handle.done():
-                self.observer.request_finished(self.name, request.handle.result().finish_reason)
+            if isinstance(taken, str):
+                self.observer.request_finished(self.name, taken)
         if accepted:
             self.observer.tokens_generated(self.name, accepted)
 
