@@ -14,14 +14,22 @@ import contextvars
 import json
 import logging
 import os
+import re
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
 LEVELS = ("debug", "info", "warning", "error")
+
+# A request's id travels in this header: from the client (kept when it is a plausible one, so
+# that a log line cannot be forged or flooded through it), back in the answer, and on to the
+# engine process a generation is forwarded to.
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 # The fields of the work in progress; one dict per bound block, mutated only by `add_to_log_context`
 # (the tenant is known only once the request's key is checked, deeper than the block binding it).
@@ -53,6 +61,11 @@ def add_to_log_context(**fields: Any) -> None:
     bound = _context.get()
     if bound is not None:
         bound.update({name: value for name, value in fields.items() if value is not None})
+
+
+def request_id_from(given: str | None) -> str:
+    """``given`` when it is 1 to 128 letters, digits and ``._:-``; else a new id."""
+    return given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 def current_log_context() -> dict[str, Any]:

@@ -412,3 +412,33 @@ def test_an_error_after_the_stream_began_is_raised_from_the_stream(settings):
 
     with served_in_thread(create_engine_app(engine)) as url:
         asyncio.run(run(url))
+
+
+def test_the_engines_events_carry_the_api_requests_id(settings, caplog, monkeypatch):
+    """The API's request id goes with a forwarded request (X-Request-ID), so that the engine's
+    events about it, here a failure after its stream began, name it and its tenant."""
+    from service.logs import log_context
+
+    engine = make_engine(settings)
+    runner = engine.base_model("tiny")
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(runner, "_decode_step", broken_step)  # the prefill's token goes out, then this
+
+    async def run(url: str) -> None:
+        remote = RemoteEngine([url], default_base_model="tiny")
+        try:
+            with log_context(request_id="api-req-7"):
+                handle = await remote.asubmit("hi", GenerationParams(**LONG), tenant="tn-seven")
+            with pytest.raises(RemoteEngineError):
+                async for _ in handle.stream():
+                    pass
+        finally:
+            await remote.aclose()
+
+    with served_in_thread(create_engine_app(engine)) as url:
+        asyncio.run(run(url))
+    (failed,) = [r for r in caplog.records if r.getMessage() == "generation failed after its stream began"]
+    assert failed.request_id == "api-req-7" and failed.tenant_id == "tn-seven"

@@ -12,30 +12,21 @@ or bodies (keys and datasets travel there).
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.logs import log_context
+from service.logs import REQUEST_ID_HEADER, log_context, request_id_from
 from service.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 
 log = logging.getLogger("service.access")
 
-REQUEST_ID_HEADER = "X-Request-ID"
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Probes and scrapes, every few seconds: their events only at debug level.
 _QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 # A path no route matched (scanners): one label value, not one per path tried.
 UNMATCHED_ROUTE = "unmatched"
-
-
-def request_id_of(headers: Headers) -> str:
-    given = headers.get(REQUEST_ID_HEADER, "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 class TelemetryMiddleware:
@@ -46,7 +37,7 @@ class TelemetryMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_of(Headers(scope=scope))
+        request_id = request_id_from(Headers(scope=scope).get(REQUEST_ID_HEADER))
         started = time.perf_counter()
         status = 500  # the app raised before answering: Starlette's error layer answers 500
 
