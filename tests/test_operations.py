@@ -15,8 +15,8 @@ import subprocess
 import sys
 import threading
 
-import pytest
 import httpx
+import pytest
 from conftest_service import (
     REPO,
     dataset,
@@ -30,6 +30,7 @@ from conftest_service import (
     upload,
     wait_until_answering,
 )
+from queue_support import queue_client, queued_jobs, tenant_headers  # noqa: F401 - queue_client is a fixture
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -228,3 +229,26 @@ def test_several_api_processes_report_their_requests_together(tmp_path):
     refused = [e for e in events if e["logger"] == "service.access" and e["route"] == "/v1/models"]
     assert len(refused) == 12 and len({e["request_id"] for e in refused}) == 12
     assert not [e for e in events if e["logger"] == "uvicorn.access"]
+
+
+def test_running_jobs_and_their_heartbeats_by_device_class(queue_client):
+    """On SQLite and PostgreSQL: a claimed job counts as running on its class, and the age of
+    its last heartbeat grows until its worker beats again (what an alert on stuck workers reads)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from service.jobs import states
+    from service.models import Job, utcnow
+
+    (job_id,) = queued_jobs(queue_client, tenant_headers(queue_client), 1)
+    waiting = scrape(queue_client)
+    assert value(waiting, "rlora_queue_depth", device_class="cpu") == 1 and value(waiting, "rlora_running_jobs", device_class="cpu") == 0
+    with queue_client.app.state.db.session() as session:
+        states.claim(session, job_id, "a-worker")
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=90)))
+        session.commit()
+    running = scrape(queue_client)
+    assert value(running, "rlora_queue_depth", device_class="cpu") == 0 and value(running, "rlora_running_jobs", device_class="cpu") == 1
+    assert 90 <= value(running, "rlora_running_oldest_heartbeat_age_seconds", device_class="cpu") < 120
+    assert value(running, "rlora_running_jobs", device_class="gpu") == 0
