@@ -8,17 +8,24 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
+from service.logs import LEVELS, configure_logging, quiet_progress_bars
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("rlora")
+
+# The long-running commands: their events (requests, jobs) are logged from info up by default;
+# the others say only what went wrong.
+_SERVICE_COMMANDS = ("serve", "engine", "worker")
 
 # A stopping worker gives its job back at the trainer's next check (one step, or one
 # evaluation batch); loading a model can take longer, and a killed worker's job waits for
@@ -69,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="rlora", description="R-LoRA fine-tuning service")
     parser.add_argument("--version", action="version", version=f"rlora {_version()}")
+    parser.add_argument(
+        "--log-level", choices=LEVELS, type=str.lower,
+        help="default RLORA_LOG_LEVEL, else info for serve, engine and worker and warning for the other commands",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="the API and one worker (embedded default: no other services)")
@@ -129,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in CLIENT_COMMANDS:
         return run_client_command(args)  # a client: no server settings, data or logging here
     os.umask(PRIVATE_UMASK)  # before anything is created; the embedded worker inherits it
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()
     except ValidationError as err:
         print(f"error: invalid RLORA_* environment setting:\n{err}", file=sys.stderr)
         return 2
+    log_level = _set_up_logging(settings, args.log_level, args.command)
     if args.command == "train":
         return _train(settings, args.config)
     if args.command == "serve":
@@ -147,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device, base_models=args.base_models,
         )
     if args.command == "worker":
-        return _worker(settings, args.queues)
+        return _worker(settings, args.queues, log_level)
     if args.command == "migrate":
         _migrate(settings)
         print(f"database at head: {_display_url(settings.database)}")
@@ -155,6 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "key":
         return _key(settings, args)
     return _create_tenant(settings, args.name)
+
+
+def _set_up_logging(settings: Settings, flag: str | None, command: str) -> str:
+    """This process's logging (service.logs), and its children's: the API's uvicorn processes
+    and the embedded worker read the level from RLORA_LOG_LEVEL, as the flag sets it. The level."""
+    level = flag or settings.log_level or ("info" if command in _SERVICE_COMMANDS else "warning")
+    os.environ["RLORA_LOG_LEVEL"] = level
+    configure_logging(level, settings.log_format)
+    if command in _SERVICE_COMMANDS:
+        quiet_progress_bars()
+    return level
 
 
 def _train(settings: Settings, config_path: str) -> int:
@@ -177,7 +199,8 @@ def _train(settings: Settings, config_path: str) -> int:
     except ValueError as err:
         print(f"rlora train: {err}", file=sys.stderr)
         return 2
-    bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr)
+    # disable=None: a bar on a terminal only (elsewhere its first frame is a stray "0step" line).
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr, disable=None)
 
     def progress(p: Progress) -> None:
         bar.total = p.total_steps
@@ -305,7 +328,7 @@ def _print_keys(rows: list) -> None:
         print("  ".join(str(value).ljust(width) for value, width in zip(line, widths)).rstrip())
 
 
-def _worker(settings: Settings, queues: str | None) -> int:
+def _worker(settings: Settings, queues: str | None, log_level: str) -> int:
     from service.jobs.queue import DEVICE_CLASSES, queue_name
 
     classes = [q.strip() for q in (queues or settings.worker_queues or _host_device_class()).split(",") if q.strip()]
@@ -317,13 +340,14 @@ def _worker(settings: Settings, queues: str | None) -> int:
     from worker.app import app
 
     app.worker_main([
+        "--quiet",  # Celery's: no banner (what it says is in the settings and the first events)
         "worker",
         # One job per process: the trainer itself uses every core (or the GPU).
         "--pool=solo",
         "--concurrency=1",
         f"--queues={','.join(queue_name(settings, c) for c in classes)}",
         f"--hostname=rlora-{os.getpid()}@%h",
-        "--loglevel=INFO",
+        f"--loglevel={log_level.upper()}",  # to the logging set-up of worker.app
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
@@ -353,9 +377,13 @@ class _WorkerProcess:
 
         # Takes every device class: with one worker, a GPU job on a CPU-only host should
         # fail with a readable error rather than wait forever.
+        from service.metrics import MULTIPROCESS_DIR_VARIABLE
+
         command = [sys.executable, "-m", "service.cli", "worker", "--queues", ",".join(DEVICE_CLASSES)]
+        # The API processes' metrics folder is theirs: the worker has a registry of its own.
+        env = {name: value for name, value in os.environ.items() if name != MULTIPROCESS_DIR_VARIABLE}
         while not self.stopping.is_set():
-            self.process = subprocess.Popen(command)
+            self.process = subprocess.Popen(command, env=env)
             code = self.process.wait()
             if not self.stopping.is_set():
                 log.error("embedded worker exited with %s; restarting", code)
@@ -393,11 +421,20 @@ def serve_refusal(settings: Settings, processes: int) -> str | None:
 def _serve(settings: Settings, host: str, port: int, *, processes: int, with_worker: bool) -> int:
     import uvicorn
 
+    from service.metrics import MULTIPROCESS_DIR_VARIABLE
+
     refusal = serve_refusal(settings, processes)
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     _migrate(settings)  # once, before any process starts; the processes do not migrate
+    metrics_dir = None
+    if processes > 1 and MULTIPROCESS_DIR_VARIABLE not in os.environ:
+        # The processes share one port, so a scrape reaches any one of them: each writes its
+        # metrics to files in this folder, read together by whichever answers (service.metrics).
+        # Local and fresh at every start: values of a previous run must not be summed in.
+        metrics_dir = tempfile.mkdtemp(prefix="rlora-metrics-")
+        os.environ[MULTIPROCESS_DIR_VARIABLE] = metrics_dir
     worker = _WorkerProcess() if with_worker else None
     if worker is not None:
         worker.start()
@@ -407,14 +444,19 @@ def _serve(settings: Settings, host: str, port: int, *, processes: int, with_wor
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         # The factory reads the same RLORA_* environment as this command, in every process.
+        # Logging is the command's (service.logs): uvicorn's own set-up and access lines left out
+        # (every request is one event of service.api.telemetry, with its request id).
         uvicorn.run(
-            "service.api.app:create_served_app", factory=True, workers=processes, host=host, port=port, log_level="info"
+            "service.api.app:create_served_app", factory=True, workers=processes, host=host, port=port,
+            log_config=None, access_log=False,
         )
     except KeyboardInterrupt:
         pass  # Ctrl-C: uvicorn has shut down already
     finally:
         if worker is not None:
             worker.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -19,12 +19,15 @@ def make_engine(url: str, pool_size: int = 5, pool_timeout: float = 30.0) -> Eng
     so that a thread never waits for a connection another thread holds) and waits at most
     ``pool_timeout`` seconds for one (then ``sqlalchemy.exc.TimeoutError``)."""
     # LIFO: the connection used last, warm (its caches, its prepared statements), goes out first.
-    pool = dict(pool_size=pool_size, max_overflow=POOL_OVERFLOW, pool_timeout=pool_timeout, pool_use_lifo=True)
+    options = dict(pool_size=pool_size, max_overflow=POOL_OVERFLOW, pool_timeout=pool_timeout, pool_use_lifo=True)
+    # A statement's parameters (tenants' names, key hashes, job bodies) stay out of error
+    # messages, and so out of the logs that quote them.
+    options["hide_parameters"] = True
     if url.startswith("sqlite"):
         # The API and the worker are separate processes writing one file: WAL lets readers
         # go on while one writes, and the busy timeout makes a writer wait instead of failing.
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool
+            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **options
         )
 
         @event.listens_for(engine, "connect")
@@ -39,7 +42,7 @@ def make_engine(url: str, pool_size: int = 5, pool_timeout: float = 30.0) -> Eng
     # No pre-ping (a round trip on every checkout): a connection the server dropped fails its
     # first statement, which invalidates every connection of the pool; the reads then run once
     # more (auth.TenantReader) and any other request answers 503 (errors.py), never a 500.
-    return create_engine(url, **pool)
+    return create_engine(url, **options)
 
 
 class Database:

@@ -94,6 +94,14 @@ class Settings(BaseSettings):
     engine_connect_timeout: float = Field(2.0, gt=0, description="longest wait to connect to an engine (then the next one)")
     engine_refresh_interval: float = Field(5.0, gt=0, description="seconds between asking engines which base models they hold")
 
+    # Operations: logs (service.logs) and the workers' metrics (service.metrics; the API and the
+    # engines serve theirs at /metrics on their own port).
+    log_format: Literal["auto", "json", "text"] = Field("auto", description="auto: text when stderr is a terminal, else JSON lines")
+    log_level: Literal["debug", "info", "warning", "error"] | None = Field(
+        None, description="`rlora --log-level` wins; unset: info for serve, engine and worker, warning for the other commands",
+    )
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="port of a worker's /metrics (unset: none)")
+
     # Operators: the admin routes (/v1/admin/...) are mounted only when this is set.
     admin_token: str | None = Field(None, min_length=32, repr=False, description="bearer token of the admin routes")
 
@@ -111,6 +119,11 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"engine URLs start with http:// or https://, got {', '.join(bad)}")
         return ",".join(urls) or None  # empty: unset
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_name(cls, value: str | None) -> str | None:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("engine_token", "admin_token", mode="before")
     @classmethod

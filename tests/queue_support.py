@@ -81,9 +81,12 @@ class WorkerEnv:
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen] = []
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, **settings) -> subprocess.Popen:
+        """A ``rlora worker`` process; ``settings`` (RLORA_<NAME>) beside the environment's."""
         s = self.settings
-        env = service_env(home=s.home, database_url=s.database_url, broker_url=s.broker_url, queue_prefix=s.queue_prefix, **self.timing)
+        env = service_env(
+            home=s.home, database_url=s.database_url, broker_url=s.broker_url, queue_prefix=s.queue_prefix, **{**self.timing, **settings},
+        )
         with open(self.log_dir / f"worker-{len(self.processes)}.log", "wb") as log:
             process = subprocess.Popen(
                 rlora_command("worker", "--queues", "cpu"), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -162,6 +162,31 @@ def test_forwarding_makes_no_engine_in_the_api_process(client, app, owner):
     assert isinstance(current_engine(app), RemoteEngine)
 
 
+def test_the_engine_process_reports_its_generations_at_metrics(client, engines, owner):
+    """Each engine serves its own /metrics (no token: counts and timings only); the forwarding
+    API process, holding no engine, reports no cache or model of its own."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape(url: str) -> dict:
+        response = httpx.get(f"{url}/metrics", timeout=10)
+        assert response.status_code == 200
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(response.text) for s in f.samples}
+
+    headers, adapter_id = owner
+    before = scrape(engines[0])
+    assert client.post("/generate", headers=headers, json=body(adapter_id, **GREEDY)).status_code == 200
+    after = scrape(engines[0])
+    tiny = (("base_model", "tiny"),)
+    assert after[("rlora_generated_tokens_total", tiny)] == before.get(("rlora_generated_tokens_total", tiny), 0) + GREEDY["max_new_tokens"]
+    ttft = ("rlora_generation_time_to_first_token_seconds_count", tiny)
+    assert after[ttft] == before.get(ttft, 0) + 1
+    lookups = after[("rlora_adapter_cache_hits_total", ())] + after[("rlora_adapter_cache_misses_total", ())]
+    assert lookups == before[("rlora_adapter_cache_hits_total", ())] + before[("rlora_adapter_cache_misses_total", ())] + 1
+    assert after[("rlora_base_models_loaded", ())] >= 1 and after[("rlora_adapter_cache_adapters", ())] >= 1
+    api = client.get("/metrics").text
+    assert "rlora_http_requests_total" in api and "rlora_adapter_cache_hits" not in api
+
+
 def test_generate_equals_the_in_process_engine(client, embedded, owner):
     headers, adapter_id = owner
     requests = [
@@ -403,3 +428,33 @@ def test_an_error_after_the_stream_began_is_raised_from_the_stream(settings):
 
     with served_in_thread(create_engine_app(engine)) as url:
         asyncio.run(run(url))
+
+
+def test_the_engines_events_carry_the_api_requests_id(settings, caplog, monkeypatch):
+    """The API's request id goes with a forwarded request (X-Request-ID), so that the engine's
+    events about it, here a failure after its stream began, name it and its tenant."""
+    from service.logs import log_context
+
+    engine = make_engine(settings)
+    runner = engine.base_model("tiny")
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(runner, "_decode_step", broken_step)  # the prefill's token goes out, then this
+
+    async def run(url: str) -> None:
+        remote = RemoteEngine([url], default_base_model="tiny")
+        try:
+            with log_context(request_id="api-req-7"):
+                handle = await remote.asubmit("hi", GenerationParams(**LONG), tenant="tn-seven")
+            with pytest.raises(RemoteEngineError):
+                async for _ in handle.stream():
+                    pass
+        finally:
+            await remote.aclose()
+
+    with served_in_thread(create_engine_app(engine)) as url:
+        asyncio.run(run(url))
+    (failed,) = [r for r in caplog.records if r.getMessage() == "generation failed after its stream began"]
+    assert failed.request_id == "api-req-7" and failed.tenant_id == "tn-seven"

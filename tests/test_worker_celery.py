@@ -7,14 +7,17 @@ the real submission path.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import zipfile
 
+import httpx
 import pytest
 import redis
 import torch
-from conftest_service import dataset, job_body, require_redis, stop_process, upload, wait_for
+from conftest_service import dataset, free_port, job_body, require_redis, stop_process, upload, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from queue_support import worker_environment
 
 
@@ -64,6 +67,32 @@ def test_a_job_trains_to_success(worker_env, worker):
     assert deleted.status_code == 200
     assert worker_env.job(job_id)["adapter_id"] is None
     assert not (worker_env.settings.jobs_dir / job_id / "adapter").exists()
+
+
+def test_a_worker_serves_its_metrics_and_logs_json_lines_naming_the_job(worker_env):
+    port = free_port()
+    process = worker_env.start_worker(worker_metrics_port=port, log_format="json")
+    log_path = worker_env.log_dir / f"worker-{len(worker_env.processes) - 1}.log"
+    try:
+        job_id = worker_env.submit(max_steps=3)
+        job = worker_env.wait_status(job_id, {"succeeded", "failed", "cancelled"}, 180)
+        assert job["status"] == "succeeded", (job, worker_env.logs())
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    finally:
+        stop_process(process)
+    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert metrics[("rlora_job_duration_seconds_count", (("device_class", "cpu"), ("outcome", "succeeded")))] == 1
+    assert metrics[("rlora_training_steps_total", (("device_class", "cpu"),))] == 3
+    assert metrics[("rlora_worker_heartbeats_total", (("result", "ok"),))] >= 1  # a beat every 0.5 s
+    assert metrics[("rlora_worker_running_jobs", ())] == 0 and ("process_resident_memory_bytes", ()) in metrics
+    # Every line of the worker's output is one JSON event (no banner, no progress bars); the
+    # job's events name it, its tenant and the attempt.
+    lines = log_path.read_text().splitlines()
+    assert [line for line in lines if not line.startswith("{")] == [], log_path.read_text()[-3000:]
+    events = [json.loads(line) for line in lines]
+    runner = [e for e in events if e["logger"] == "worker.runner"]
+    assert runner and all(e["job_id"] == job_id and e["attempt"] == 1 and e["tenant_id"] for e in runner)
+    assert not [e for e in events if e["logger"] in ("celery.redirected", "kombu.connection")]
 
 
 def test_cancelling_a_running_job_stops_it(worker_env, worker):

@@ -22,6 +22,8 @@ from service.db import Database
 from service.jobs import scheduling, states
 from service.jobs.requests import mixture_file_ids, tenant_files, train_config
 from service.jobs.states import Status
+from service.logs import log_context, run_in_context
+from service.metrics import worker_metrics
 from service.models import Adapter, Job
 from service.settings import Settings
 
@@ -41,8 +43,10 @@ def run_next(settings: Settings, db: Database, queue: str, worker: str, shutting
         log.info("no job of %s can start now (none queued, or their tenants at their running limit)", queue)
         return None
     job, attempt = claimed
-    log.info("job %s: attempt %d on %s", job.id, attempt, worker)
-    return _Run(settings, db, job, attempt, shutting_down).execute()
+    # Every event of the attempt, the trainer's and the heartbeat's included, names the job.
+    with log_context(job_id=job.id, tenant_id=job.tenant_id, attempt=attempt):
+        log.info("job %s: attempt %d on %s", job.id, attempt, worker)
+        return _Run(settings, db, job, attempt, shutting_down).execute()
 
 
 def _jsonable(value: Any) -> Any:
@@ -68,11 +72,27 @@ class _Run:
         # capped too, so a job's whole time is bounded).
         self._deadline = time.monotonic() + settings.max_job_seconds
         self._heartbeat_done = threading.Event()
+        self.metrics = worker_metrics()
+        self.device_class = job.queue.rsplit(".", 1)[-1]  # queues are <prefix>.<class>
+        self._steps_counted = 0
 
     # --- the run -------------------------------------------------------------------------
 
     def execute(self) -> Status | None:
-        heartbeat = threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.job.id}", daemon=True)
+        started = time.monotonic()
+        self.metrics.running.set(1)
+        status = None
+        try:
+            status = self._execute()
+            return status
+        finally:
+            self.metrics.running.set(0)
+            self.metrics.tokens_per_second.set(0)
+            outcome = {Status.QUEUED: "requeued", None: "lost"}.get(status, str(status))
+            self.metrics.job_duration.labels(self.device_class, outcome).observe(time.monotonic() - started)
+
+    def _execute(self) -> Status | None:
+        heartbeat = run_in_context(self._heartbeat, name=f"heartbeat-{self.job.id}", daemon=True)
         heartbeat.start()
         try:
             config = self._train_config()
@@ -119,6 +139,11 @@ class _Run:
         if now - self._last_progress < self.settings.progress_interval and not last:
             return
         self._last_progress = now
+        if progress.tokens_per_second is not None:
+            self.metrics.tokens_per_second.set(progress.tokens_per_second)
+        if progress.step > self._steps_counted:
+            self.metrics.training_steps.labels(self.device_class).inc(progress.step - self._steps_counted)
+            self._steps_counted = progress.step
         values = {
             name: _jsonable(getattr(progress, name))
             for name in ("step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds")
@@ -127,6 +152,8 @@ class _Run:
             states.touch_running(session, self.job, self.attempt, ("progress", values), **values)
 
     def _on_event(self, kind: str, data: dict) -> None:
+        if kind == "resumed":
+            self._steps_counted = data.get("step", 0)  # steps trained before are counted already
         # Paths on the worker's disk are no business of the tenant's.
         data = {key: value for key, value in data.items() if key != "path"}
         with self.db.session() as session:
@@ -158,7 +185,9 @@ class _Run:
                     owned = states.touch_running(session, self.job, self.attempt)
             except Exception:  # noqa: BLE001 - a missed beat is retried; the reconciler is lenient
                 log.exception("job %s: heartbeat failed", self.job.id)
+                self.metrics.heartbeat(ok=False)
                 continue
+            self.metrics.heartbeat(ok=True)
             if not owned:
                 self.owned = False
                 self._stop = True
@@ -207,7 +236,8 @@ class _Run:
             if not states.finish(session, self.job, self.attempt, status, data, **values):
                 return None
         self._drop_outputs(status)
-        log.info("job %s %s%s", self.job.id, status, f": {error[1]}" if error else "")
+        # The error's code only: its message may quote the tenant's data (it is the job's, in the database).
+        log.info("job %s %s%s", self.job.id, status, f" ({error[0]})" if error else "")
         return status
 
     def _give_back(self) -> Status | None:

@@ -18,7 +18,8 @@ service's (``service/api/tgi.py``). The modules, in the order a request meets th
     output        OutputThread: detokenising, stop sequences and events off the loop's thread
     detokenize    incremental detokenisation
     stopping      eos, length and stop sequences
-    adapters      adapter folders packed for serving, the byte-bounded LRU cache
+    adapters      adapter folders packed for serving, the byte-bounded LRU cache (hits, misses, evictions)
+    observer      ServingObserver: decode steps, first tokens, finished requests, for a caller's metrics
 
 How a route uses it::
 
@@ -45,6 +46,7 @@ from .adapters import AdapterCache, AdapterUnusable, AdapterTooLarge, LoadedAdap
 from .engine import InferenceEngine
 from .handle import EngineClosed, EngineOverloaded, NonFiniteScores, RequestCancelled, RequestFailed, RequestHandle
 from .multi_linear import MultiAdapterLinear
+from .observer import ServingObserver
 from .params import GenerationParams, GenerationResult, GenerationValidationError, Limits, StreamEvent, Token
 from .scheduler import BaseModelRunner
 
@@ -67,6 +69,7 @@ __all__ = [
     "RequestCancelled",
     "RequestFailed",
     "RequestHandle",
+    "ServingObserver",
     "StreamEvent",
     "Token",
     "load_adapter",

@@ -181,6 +181,10 @@ class AdapterCache:
         self._entries: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()
+        # Counted by the engine's lookups (`InferenceEngine.adapter`) and by `put`, for metrics.
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0  # adapters dropped to make room (not those `evict` removed: deleted)
 
     def get(self, adapter_id: str) -> LoadedAdapter | None:
         with self._lock:
@@ -201,6 +205,7 @@ class AdapterCache:
                 old_id, _ = next(iter(self._entries.items()))
                 self._remove(old_id)
                 evicted.append(old_id)
+            self.evictions += len(evicted)
             self._entries[adapter.adapter_id] = adapter
             self._bytes += size
             return evicted

@@ -17,6 +17,7 @@ from ..adapter.folder import AdapterMismatchError
 from ..basemodels import load_base_model, resolve_base_model
 from .adapters import AdapterCache, LoadedAdapter, load_adapter, read_servable_config
 from .handle import EngineClosed, RequestHandle
+from .observer import ServingObserver
 from .params import GenerationParams, GenerationResult, GenerationValidationError, Limits, as_params
 from .scheduler import BaseModelRunner
 
@@ -30,7 +31,8 @@ class InferenceEngine:
     ``cache_dir`` (where built-in models are built) and ``models_dir`` are those of
     `rlora.basemodels.resolve_base_model`; ``device`` and ``dtype`` are given to
     `rlora.basemodels.load_base_model`. On a GPU each base model's decode steps run as captured
-    CUDA graphs unless ``cuda_graphs`` is False.
+    CUDA graphs unless ``cuda_graphs`` is False. ``observer`` is told of decode steps, first
+    tokens and finished requests (for the caller's metrics).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class InferenceEngine:
         limits: Limits | None = None,
         default_base_model: str | None = None,
         cuda_graphs: bool = True,
+        observer: ServingObserver | None = None,
     ):
         self.models_dir = models_dir
         self.cache_dir = cache_dir
@@ -52,6 +55,7 @@ class InferenceEngine:
         self.limits = limits or Limits()
         self.default_base_model = default_base_model
         self.cuda_graphs = cuda_graphs
+        self.observer = observer or ServingObserver()
         self.adapters = AdapterCache(adapter_cache_bytes)
         self._runners: dict[str, BaseModelRunner] = {}
         self._models_lock = threading.Lock()
@@ -70,7 +74,7 @@ class InferenceEngine:
             if runner is None:
                 path = resolve_base_model(name, self.models_dir, self.cache_dir)
                 model, tokenizer = load_base_model(path, dtype=self.dtype, device=self.device)
-                runner = BaseModelRunner(name, model, tokenizer, self.limits, cuda_graphs=self.cuda_graphs)
+                runner = BaseModelRunner(name, model, tokenizer, self.limits, cuda_graphs=self.cuda_graphs, observer=self.observer)
                 self._runners[name] = runner
             return runner
 
@@ -84,6 +88,7 @@ class InferenceEngine:
         made for the base model (fingerprint) and, when given, that it is ``base_model``."""
         cached = self.adapters.get(adapter_id)
         if cached is not None and (path is None or Path(path) == cached.path):
+            self.adapters.hits += 1
             if base_model is not None and cached.base_model != base_model:
                 raise AdapterMismatchError(f"adapter {adapter_id!r} is for base model {cached.base_model!r}, not {base_model!r}")
             return cached
@@ -98,7 +103,9 @@ class InferenceEngine:
         with self._adapter_lock:
             cached = self.adapters.get(adapter_id)
             if cached is not None and cached.path == Path(path) and cached.base_model == base_model:
+                self.adapters.hits += 1  # loaded by another request meanwhile
                 return cached
+            self.adapters.misses += 1
             adapter = load_adapter(
                 adapter_id, path, base_model=base_model, fingerprint=runner.fingerprint,
                 linear_shapes=runner.linear_shapes, device=runner.device, out_dtype=runner.dtype,
@@ -168,6 +175,9 @@ class InferenceEngine:
             "adapters": len(self.adapters),
             "adapter_bytes": self.adapters.nbytes,
             "adapter_cache_bytes": self.adapters.max_bytes,
+            "adapter_cache_hits": self.adapters.hits,
+            "adapter_cache_misses": self.adapters.misses,
+            "adapter_cache_evictions": self.adapters.evictions,
         }
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from token ids (length, eos); the output thread the stop sequences, which need t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -30,6 +31,7 @@ class ActiveRequest:
     stopping: StopCriteria
     decoder: IncrementalDecoder
     tenant: str = ""  # whose request: queues and caps are per tenant
+    submitted_at: float = field(default_factory=time.monotonic)  # for the time to its first token
     # The decode loop's.
     slot: int = -1  # its row of the KV cache and of the sampler
     adapter_slot: int = -1  # its adapter's slot in the tables (-1: none)
@@ -60,12 +62,13 @@ class ActiveRequest:
         self.generated_count += 1
         return self.stopping.after_token(self.generated_count, token)
 
-    def accept(self, token: int, logprob: float, special: bool, reason: str | None, routing: dict | None = None) -> None:
+    def accept(self, token: int, logprob: float, special: bool, reason: str | None, routing: dict | None = None) -> bool | str:
         """(Output thread) Take the chosen ``token`` (``reason``: the loop's finish reason; ``routing``:
         the loop's routing totals up to this token): stream it, or finish the request when it ends
-        it, by the loop's reason or a stop sequence."""
+        it, by the loop's reason or a stop sequence. False when the request had ended already (the
+        token is dropped), the finish reason when this token ended it, else True."""
         if self.handle.done():
-            return  # finished by a stop sequence while the loop ran a step more, or cancelled
+            return False  # finished by a stop sequence while the loop ran a step more, or cancelled
         self.generated.append(token)
         text = self.decoder.add(token, special)
         if reason is not None and not special:
@@ -79,8 +82,9 @@ class ActiveRequest:
                 reason = self.stopping.in_text(self.text, before)
         if reason is None:
             self.handle._emit(StreamEvent(index=len(self.generated), token=item))
-        else:
-            self._finish(reason, routing)
+            return True
+        self._finish(reason, routing)
+        return reason
 
     def _finish(self, reason: str, routing: dict | None) -> None:
         """Send the last event, with the result, and close the handle."""

@@ -29,6 +29,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from collections import Counter, deque
 from typing import Any, Callable, Sequence
 
@@ -45,6 +46,7 @@ from .graphs import CapturedSteps
 from .handle import EngineClosed, NonFiniteScores, RequestCancelled, RequestFailed, RequestHandle
 from .kv_cache import SlotKVCache
 from .multi_linear import ForwardContext, wrap_linears
+from .observer import ServingObserver
 from .output import OutputThread
 from .params import GenerationParams, GenerationValidationError, Limits
 from .queues import TenantQueues
@@ -65,8 +67,9 @@ _MIN_WIDTH = 64
 class BaseModelRunner:
     """One base model, its tokenizer, and the loop serving every adapter on it."""
 
-    def __init__(self, name: str, model, tokenizer, limits: Limits, cuda_graphs: bool = True):
+    def __init__(self, name: str, model, tokenizer, limits: Limits, cuda_graphs: bool = True, observer: ServingObserver | None = None):
         self.name = name
+        self.observer = observer or ServingObserver()
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -502,6 +505,7 @@ class BaseModelRunner:
             request.length += 1
         self.steps += 1
         self.max_rows = max(self.max_rows, len(decoding))
+        self.observer.decode_step(self.name, len(decoding))
         self._hand_over(decoding, scores, tokens, logprobs)
 
     def _hand_over(self, requests: list[ActiveRequest], scores: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
@@ -532,11 +536,22 @@ class BaseModelRunner:
                 self._free(request)
 
     def _deliver(self, items: list[tuple[ActiveRequest, int, float, str | None, dict | None]]) -> None:
+        accepted = 0
         for request, token, logprob, reason, routing in items:
             try:
-                request.accept(token, logprob, token in self.special_ids, reason, routing)
+                taken = request.accept(token, logprob, token in self.special_ids, reason, routing)
             except Exception as err:  # noqa: BLE001 - this request fails, the others go on
                 request.handle._close(error=err)
+                continue
+            if not taken:
+                continue  # it had ended already
+            accepted += 1
+            if len(request.generated) == 1:
+                self.observer.first_token(self.name, time.monotonic() - request.submitted_at)
+            if isinstance(taken, str):
+                self.observer.request_finished(self.name, taken)
+        if accepted:
+            self.observer.tokens_generated(self.name, accepted)
 
     def _flush_routing(self, rows: Sequence[ActiveRequest | None]) -> None:
         """Move the routing sums the last forward recorded into rows (row i of the forward is

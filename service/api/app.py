@@ -18,13 +18,15 @@ from service.api.inference import close_engine
 from service.api.openapi import install_openapi
 from service.api.openai_schemas import error_responses as openai_error_responses
 from service.api.tgi import error_responses as tgi_error_responses
-from service.api.routes import adapters, admin, files, generate, health, jobs, keys, models, openai_inference, openai_jobs, usage
+from service.api.routes import adapters, admin, files, generate, health, jobs, keys, metrics, models, openai_inference, openai_jobs, usage
 from service.api.schemas import error_responses
 from service.api.security_headers import SecurityHeadersMiddleware
+from service.api.telemetry import TelemetryMiddleware
 from service.api.staging import sweep_staging
 from service.db import Database
 from service.jobs.queue import create_celery
 from service.jobs.reconciler import start_reconciler
+from service.logs import configure_logging
 from service.migrate import upgrade_database
 from service.settings import Settings, get_settings
 
@@ -32,8 +34,9 @@ from service.settings import Settings, get_settings
 class ServiceAPI(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
         # Outside every other layer, Starlette's ServerErrorMiddleware included (it answers a
-        # 500 itself, past any middleware added with add_middleware): every answer is covered.
-        return SecurityHeadersMiddleware(super().build_middleware_stack())
+        # 500 itself, past any middleware added with add_middleware): every answer is covered,
+        # and counted and logged with its request id.
+        return TelemetryMiddleware(SecurityHeadersMiddleware(super().build_middleware_stack()))
 
 
 def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
@@ -69,6 +72,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.state.db = Database(settings.database, pool_size=settings.api_threads, pool_timeout=settings.database_pool_timeout)
     app.state.celery = create_celery(settings)
     install_error_handlers(app)
+    metrics.install_metrics(app)
     # File uploads stream under their own limit (max_upload_bytes); every other body, this one.
     app.add_middleware(
         BodyLimitMiddleware, limit=settings.max_json_bytes, idle_timeout=settings.body_idle_timeout,
@@ -76,6 +80,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     )
     for module, statuses in (
         (health, ()),
+        (metrics, ()),
         (files, (401, 403, 404, 408, 409, 413, 422, 503)),
         (jobs, (401, 403, 404, 408, 409, 413, 415, 422, 429, 503)),
         (adapters, (401, 404, 410, 422, 503)),
@@ -98,4 +103,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
 def create_served_app() -> FastAPI:
     """The app of each ``rlora serve`` process (uvicorn's factory): settings from the
     environment, the database migrated already by the command."""
-    return create_app(migrate=False)
+    settings = get_settings()
+    # uvicorn's worker processes start afresh: they log as the command does (its --log-level
+    # reaches them as RLORA_LOG_LEVEL).
+    configure_logging(settings.log_level or "info", settings.log_format)
+    return create_app(settings, migrate=False)

@@ -25,6 +25,7 @@ from service.api.schemas import Page
 from service.db import Database
 from service.ids import could_exist, hash_api_key
 from service.keys import LAST_USED_RESOLUTION, KeyState, create_key, key_state
+from service.logs import add_to_log_context
 from service.models import ApiKey, Tenant, utcnow
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def _tenant_of_key(connection: Connection, key_hash: str) -> AuthenticatedTenant
         except OperationalError as err:
             connection.rollback()
             log.info("API key %s: last use not recorded (%s)", row.key_id, err.orig)
+    add_to_log_context(tenant_id=row.id)  # the request's events name their tenant from here on
     return AuthenticatedTenant(id=row.id, name=row.name)
 
 

@@ -32,6 +32,7 @@ import httpx
 from rlora.serve import EngineClosed, GenerationParams, GenerationResult, RequestCancelled, StreamEvent
 
 from service.engine.protocol import TOKEN_HEADER, RemoteEngineError, error_from_json, event_from_json
+from service.logs import REQUEST_ID_HEADER, current_log_context
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -221,10 +222,13 @@ class RemoteEngine:
             "tenant": tenant,
         }
         wanted = base_model or self.default_base_model
+        # The engine's events about this request carry the API's request id.
+        request_id = current_log_context().get("request_id")
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else None
         problems = []
         for engine in await self._ranked(wanted):
             request = self._http.build_request(
-                "POST", f"{engine.url}/generate", json=body, timeout=httpx.Timeout(None, connect=self.connect_timeout),
+                "POST", f"{engine.url}/generate", json=body, headers=headers, timeout=httpx.Timeout(None, connect=self.connect_timeout),
             )
             try:
                 response = await self._http.send(request, stream=True)

@@ -3,9 +3,26 @@ holds, and what an API process holds in the embedded default."""
 
 from __future__ import annotations
 
-from rlora.serve import InferenceEngine, Limits
+from rlora.serve import InferenceEngine, Limits, ServingObserver
 
+from service.metrics import BATCH_SIZE, GENERATED_TOKENS, GENERATION_REQUESTS, TIME_TO_FIRST_TOKEN
 from service.settings import Settings
+
+
+class PrometheusServingObserver(ServingObserver):
+    """The engine's reports as the generation metrics (`service.metrics`)."""
+
+    def decode_step(self, base_model: str, rows: int) -> None:
+        BATCH_SIZE.labels(base_model).observe(rows)
+
+    def first_token(self, base_model: str, seconds: float) -> None:
+        TIME_TO_FIRST_TOKEN.labels(base_model).observe(seconds)
+
+    def tokens_generated(self, base_model: str, count: int) -> None:
+        GENERATED_TOKENS.labels(base_model).inc(count)
+
+    def request_finished(self, base_model: str, finish_reason: str) -> None:
+        GENERATION_REQUESTS.labels(base_model, finish_reason).inc()
 
 
 def engine_limits(settings: Settings) -> Limits:
@@ -32,4 +49,5 @@ def make_engine(settings: Settings, device: str | None = None) -> InferenceEngin
         device=device or settings.inference_device,
         limits=engine_limits(settings),
         default_base_model=settings.default_base_model,
+        observer=PrometheusServingObserver(),
     )

@@ -3,6 +3,7 @@ small internal HTTP app that API processes forward generation to (`service.engin
 
     GET    /health                  the process answers (no token needed)
     GET    /info                    device, loaded base models, the engine's stats()
+    GET    /metrics                 Prometheus: generation, adapter cache, base models (no token needed)
     POST   /generate                a request -> JSON lines, one per token (`protocol`)
     DELETE /adapters/{adapter_id}   drop a deleted adapter from the cache
 
@@ -33,6 +34,8 @@ from rlora.serve import InferenceEngine, RequestCancelled, RequestHandle
 from service.engine.local import make_engine
 from service.engine.protocol import MEDIA_TYPE, REFUSAL_STATUS, TOKEN_HEADER, error_json, error_line, event_line, refusal_status
 from service.engine.streaming import RequestStreamResponse
+from service.logs import REQUEST_ID_HEADER, log_context, request_id_from
+from service.metrics import CONTENT_TYPE, EngineCollector, exposition, process_registry
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,14 +47,15 @@ DRAIN_SECONDS = 20
 _REFUSALS = tuple(REFUSAL_STATUS)
 
 
-async def _event_lines(handle: RequestHandle) -> AsyncIterator[bytes]:
+async def _event_lines(handle: RequestHandle, context: dict[str, Any]) -> AsyncIterator[bytes]:
     try:
         async with contextlib.aclosing(handle.stream()) as stream:
             async for event in stream:
                 yield event_line(event)
     except Exception as err:  # noqa: BLE001 - the status is sent already: the last line says it
         if not isinstance(err, (*_REFUSALS, RequestCancelled)):
-            log.exception("generation failed after its stream began")
+            # The response streams after the handler returned: its ids given, not bound.
+            log.exception("generation failed after its stream began", extra=context)
         yield error_line(err)
 
 
@@ -67,6 +71,12 @@ def create_engine_app(engine: InferenceEngine, token: str | None = None) -> Star
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    collectors = (process_registry(), EngineCollector(engine.stats))
+
+    async def metrics(request: Request) -> Response:
+        # Counts and timings only, no tenant's data: open to the scraper, as /health is.
+        return Response(exposition(*collectors), media_type=CONTENT_TYPE)
+
     async def info(request: Request) -> Response:
         if not authorized(request):
             return unauthorized()
@@ -80,14 +90,18 @@ def create_engine_app(engine: InferenceEngine, token: str | None = None) -> Star
             inputs = body["inputs"]
         except (ValueError, KeyError, TypeError):
             return JSONResponse({"error": {"type": "BadRequest", "message": "a JSON object with inputs"}}, status_code=400)
-        try:
-            handle = await engine.asubmit(
-                inputs, body.get("parameters"), adapter_id=body.get("adapter_id"),
-                adapter_path=body.get("adapter_path"), base_model=body.get("base_model"), tenant=str(body.get("tenant") or ""),
-            )
-        except _REFUSALS as err:
-            return JSONResponse({"error": error_json(err)}, status_code=refusal_status(err))
-        return RequestStreamResponse(handle, _event_lines(handle), media_type=MEDIA_TYPE)
+        tenant = str(body.get("tenant") or "")
+        # The API's request id (service.engine.client) and the tenant, on this request's events.
+        context = {"request_id": request_id_from(request.headers.get(REQUEST_ID_HEADER))} | ({"tenant_id": tenant} if tenant else {})
+        with log_context(**context):
+            try:
+                handle = await engine.asubmit(
+                    inputs, body.get("parameters"), adapter_id=body.get("adapter_id"),
+                    adapter_path=body.get("adapter_path"), base_model=body.get("base_model"), tenant=tenant,
+                )
+            except _REFUSALS as err:
+                return JSONResponse({"error": error_json(err)}, status_code=refusal_status(err))
+        return RequestStreamResponse(handle, _event_lines(handle, context), media_type=MEDIA_TYPE)
 
     async def evict(request: Request) -> Response:
         if not authorized(request):
@@ -103,6 +117,7 @@ def create_engine_app(engine: InferenceEngine, token: str | None = None) -> Star
         routes=[
             Route("/health", health),
             Route("/info", info),
+            Route("/metrics", metrics),
             Route("/generate", generate, methods=["POST"]),
             Route("/adapters/{adapter_id}", evict, methods=["DELETE"]),
         ],
@@ -127,7 +142,8 @@ def serve_engine(settings: Settings, *, host: str, port: int, device: str | None
         log.warning("the engine listens on %s without RLORA_ENGINE_TOKEN: anyone who reaches it can generate", host)
     log.info("engine on %s, base models loaded: %s", engine.device, json.dumps(engine.loaded_base_models()))
     uvicorn.run(
-        create_engine_app(engine, settings.engine_token), host=host, port=port, log_level="info",
+        # Logging is the command's (service.logs): uvicorn's own set-up and access lines left out.
+        create_engine_app(engine, settings.engine_token), host=host, port=port, log_config=None, access_log=False,
         timeout_graceful_shutdown=DRAIN_SECONDS,
     )
     return 0

@@ -20,6 +20,9 @@ from service.settings import Settings
 TASK_NAME = "rlora.next_job"  # one argument: the queue the token came from
 DEVICE_CLASSES = ("cpu", "gpu")
 
+# kombu's filesystem transport; the host is named only so that kombu does not warn, at every
+# connection, that it assumed one.
+EMBEDDED_BROKER_URL = "filesystem://localhost//"
 BROKER_TIMEOUT = 2.0  # seconds to connect to the broker before counting it down
 BROKER_READ_TIMEOUT = 10.0  # seconds a connected broker may take to answer
 
@@ -69,7 +72,7 @@ def create_celery(settings: Settings) -> Celery:
         for path in (folder, processed, control):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         config.update(
-            broker_url="filesystem://",
+            broker_url=EMBEDDED_BROKER_URL,
             broker_transport_options={
                 "data_folder_in": str(folder),
                 "data_folder_out": str(folder),

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from service.api.errors import RETRY_AFTER, error_body
 from service.api.schemas import Health, Ready, error_responses
 from service.db import Database
+from service.jobs.queue import EMBEDDED_BROKER_URL
 
 router = APIRouter(tags=["health"])
 
@@ -36,7 +37,7 @@ def _check_database(db: Database) -> None:
 
 def _check_broker(celery: Celery, timeout: float) -> None:
     options = celery.conf.broker_transport_options or {}
-    if celery.conf.broker_url == "filesystem://":
+    if celery.conf.broker_url == EMBEDDED_BROKER_URL:
         # The embedded broker is a set of folders: reachable when they are there to write in.
         for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
             folder = options.get(key)
