@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from adapters_support import perturbed_adapters
+from adapters_support import perturbed_adapters, rewrite_as_format_v1
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlora
@@ -31,6 +31,8 @@ ADAPTERS = {
     "hy": AdapterConfig(method="hydralora", heads=2, rank=2, target_modules=["q_proj", "v_proj", "down_proj"], seed=2),
     "lo": AdapterConfig(method="lora", rank=8, target_modules=["q_proj", "o_proj", "up_proj"], seed=3),
     "rl2": AdapterConfig(method="rlora", heads=4, rank=3, target_modules="all-linear", seed=4),
+    # R-LoRA with the zero router, saved in adapter format version 1 (see adapter_paths)
+    "rl0": AdapterConfig(method="rlora", heads=2, rank=4, target_modules=["up_proj", "o_proj"], seed=5, router_init="zero"),
 }
 GREEDY = {"max_new_tokens": 12, "ignore_eos_token": True}
 
@@ -56,7 +58,9 @@ def fresh_base(model_dir):
 
 @pytest.fixture(scope="module")
 def adapter_paths(workdir, model_dir):
-    return perturbed_adapters(model_dir, ADAPTERS, workdir / "adapters", seed_offset=100)
+    paths = perturbed_adapters(model_dir, ADAPTERS, workdir / "adapters", seed_offset=100)
+    rewrite_as_format_v1(paths["rl0"])
+    return paths
 
 
 @pytest.fixture(scope="module")
