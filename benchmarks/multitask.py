@@ -186,7 +186,10 @@ TIERS = {
     # The tiny pretrained model on the CPU: 2 processes of one thread each.
     "cpu": dict(seeds=8, workers=2, device="cpu", train_size=1000, eval_size=300, batch_size=32, rank=4, heads=3, alpha=32.0),
     # ~85M parameters built from a config on one GPU: several processes share it.
-    "gpu": dict(seeds=4, workers=8, device="cuda", train_size=4000, eval_size=300, batch_size=32, rank=4, heads=3, alpha=32.0),
+    # A call stops starting runs after time_limit seconds (pretraining included), so that it
+    # ends within 8 minutes with what it finished.
+    "gpu": dict(seeds=4, workers=8, device="cuda", train_size=2000, eval_size=300, batch_size=32, rank=4, heads=3, alpha=32.0,
+                time_limit=400.0),
 }
 GPU_MODEL = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12)
 SMOKE = dict(seeds=2, train_size=48, eval_size=12, batch_size=8)
@@ -504,13 +507,15 @@ def parse_args(argv: list[str] | None):
     args.device = tier["device"]
     args.seeds = list(range(args.seeds if args.seeds is not None else tier["seeds"]))
     args.workers = args.workers or tier["workers"]
+    if args.time_limit is None and not args.smoke:
+        args.time_limit = tier.get("time_limit")
     for key in ("train_size", "eval_size", "batch_size", "rank", "heads", "alpha"):
         setattr(args, key, tier[key])
     args.targets = ["gate_proj", "up_proj", "down_proj"]  # the paper's choice (Appendix C)
     if args.smoke:
         args.pretrain_steps, args.pretrain_batch_size, args.pretrain_lr = 20, 8, 3e-3
     elif args.tier == "gpu":
-        args.pretrain_steps, args.pretrain_batch_size, args.pretrain_lr = 6000, 64, 1e-3
+        args.pretrain_steps, args.pretrain_batch_size, args.pretrain_lr = 4000, 64, 1e-3
     else:
         args.pretrain_steps, args.pretrain_batch_size, args.pretrain_lr = 3000, 32, 3e-3
     return args
