@@ -58,6 +58,8 @@ TASKS = ("upper", "rot13", "shift", "reverse", "sort", "skip")
 # below 0.7; a HydraLoRA whose learned updates are less alike than 0.7 has heads that already
 # differ, and random initialisation has nothing to fix.
 HIGH_SIMILARITY = 0.7
+# Exact match under FLOOR or over CEILING for every arm: a task that tells no arm apart.
+FLOOR, CEILING = 0.02, 0.95
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (1.96 past 30).
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -433,12 +435,14 @@ def _fmt(value, digits: int = 3) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _interval(stats: dict | None, factor: float = 100.0, digits: int = 1) -> str:
+def _interval(stats: dict | None, factor: float = 100.0, digits: int = 1, sign: str = "+") -> str:
+    """``mean [low, high]`` of a `t_interval`, times ``factor``; ``sign="+"`` for differences."""
     if stats is None or stats["mean"] is None:
         return "n/a"
+    spec = f"{sign}.{digits}f"
     if stats["low"] is None:
-        return f"{factor * stats['mean']:+.{digits}f}"
-    return f"{factor * stats['mean']:+.{digits}f} [{factor * stats['low']:+.{digits}f}, {factor * stats['high']:+.{digits}f}]"
+        return f"{factor * stats['mean']:{spec}}"
+    return f"{factor * stats['mean']:{spec}} [{factor * stats['low']:{spec}}, {factor * stats['high']:{spec}}]"
 
 
 def report(results: dict) -> str:
@@ -458,7 +462,7 @@ def report(results: dict) -> str:
             f"### {cell['name']}: lr {cell['lr']:g}, dropout {cell['dropout']}, {cell['epochs']:g} epoch(s), "
             f"{cell['steps']} steps",
             "",
-            "| arm | seeds | params (% of base) | exact match % | " + " | ".join(tasks)
+            "| arm | seeds | params (% of base) | exact match % (95% CI) | " + " | ".join(tasks)
             + " | answer loss | head sim B | update sim B-B(0) | routing MI (max) | grad norm first/last 10% |",
             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|",
         ]
@@ -466,7 +470,7 @@ def report(results: dict) -> str:
             share = 100 * stats["trainable_parameters"] / results["base_model"]["parameters"]
             lines.append(
                 f"| {arm} | {stats['seeds']} | {stats['trainable_parameters']:,} ({share:.2f}%) | "
-                f"{_interval(stats['exact_match'])} | "
+                f"{_interval(stats['exact_match'], sign='')} | "
                 + " | ".join(f"{100 * stats['per_task_exact_match'][t]:.1f}" for t in tasks)
                 + f" | {_fmt(stats['answer_loss']['mean'])} | {_fmt(stats['head_similarity'], 2)} | "
                 f"{_fmt(stats['update_similarity'], 2)} | {_fmt(stats['routing_mi'], 3)} ({_fmt(stats['routing_mi_max'], 2)}) | "
@@ -480,6 +484,12 @@ def report(results: dict) -> str:
             )
         decision = summary["decision"]
         lines += ["", f"Decision: **{decision['verdict']}** ({decision['reason']}).", ""]
+        per_task = [stats["per_task_exact_match"] for stats in summary["arms"].values()]
+        floor = [t for t in tasks if all(p[t] < FLOOR for p in per_task)]
+        ceiling = [t for t in tasks if all(p[t] > CEILING for p in per_task)]
+        if floor or ceiling:  # such a task cannot tell arms apart by exact match (its loss still can)
+            lines += [f"At the floor (every arm under {100 * FLOOR:g}%): {', '.join(floor) or 'none'}; "
+                      f"at the ceiling (every arm over {100 * CEILING:g}%): {', '.join(ceiling) or 'none'}.", ""]
     return "\n".join(lines)
 
 
@@ -500,6 +510,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--json", default=None, help="results file, rewritten after every run")
     parser.add_argument("--report", default=None, help="markdown report file")
     parser.add_argument("--cache-dir", default=os.path.join(os.environ.get("RLORA_HOME", "~/.rlora"), "benchmarks"))
+    parser.add_argument("--from-json", default=None,
+                        help="run nothing: summarise the runs of this results file again and print the report")
     args = parser.parse_args(argv)
     tier = dict(TIERS[args.tier])
     if args.smoke:
@@ -523,6 +535,8 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return rereport(args)
     started = time.perf_counter()
     import torch
 
@@ -574,6 +588,20 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"Total {time.perf_counter() - started:.0f} s.")
     _write(args.report, text)
+    return 0
+
+
+def rereport(args) -> int:
+    """The summaries, decisions and report of a results file, made again from its runs."""
+    results = json.loads(Path(args.from_json).read_text())
+    for cell in results["cells"]:
+        runs = [r for r in results["runs"] if r["cell"] == cell["name"]]
+        if runs:
+            results["summary"][cell["name"]] = summarise_cell(runs, results["tasks"])
+    text = report(results)
+    print(text)
+    _write(args.report, text)
+    _write(args.json, json.dumps(results, indent=1))
     return 0
 
 
