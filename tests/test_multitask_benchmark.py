@@ -100,4 +100,8 @@ def test_smoke_call_end_to_end(bench, tmp_path):
     summary = results["summary"]["lr2e-4-d0.2"]
     assert summary["paired"]["rlora - hydralora"]["exact_match"]["n"] == 2
     assert summary["decision"]["verdict"] in {"supported", "not supported", "contradicted (R-LoRA worse)", "cannot test the premise"}
-    assert "Decision:" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "Decision:" in report
+    # A results file re-reported: the same summaries and report, nothing run again.
+    assert bench.main(["--from-json", str(out), "--report", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == report
