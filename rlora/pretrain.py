@@ -124,7 +124,9 @@ def corpus_loss(model, tokenizer, *, corpus: str = DEFAULT_CORPUS, seed: int = 1
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        loss = float(lm_loss(model, _encode(tokenizer, corpus_documents(corpus, seed + 10**6, count), 128)))
+        batch = _encode(tokenizer, corpus_documents(corpus, seed + 10**6, count), 128)
+        device = next(model.parameters()).device
+        loss = float(lm_loss(model, {k: v.to(device) for k, v in batch.items()}))
     model.train(was_training)
     return loss
 
@@ -152,6 +154,7 @@ def pretrain_tiny_model(
     batch_size: int = 32,
     learning_rate: float = 3e-3,
     max_len: int = 64,
+    device: str = "cpu",
 ) -> Path:
     """Pretrain the model in ``source_dir`` (all parameters) and return the resulting folder.
 
@@ -159,7 +162,8 @@ def pretrain_tiny_model(
     of everything else that changes the weights; an existing complete folder is returned as it
     is, without training. Training is deterministic for given arguments (its own seeded RNGs;
     the global torch RNG is restored afterwards) on a given machine and thread count. AdamW,
-    linear warmup, cosine decay, full LM loss on every token.
+    linear warmup, cosine decay, full LM loss on every token. On a CUDA ``device`` the forward
+    runs under bfloat16 autocast (the weights stay float32), and the device is part of the key.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,6 +175,9 @@ def pretrain_tiny_model(
     path = target_dir / pretrained_folder_name(
         source_dir, steps=steps, seed=seed, corpus=corpus, batch_size=batch_size, learning_rate=learning_rate, max_len=max_len
     )
+    if device != "cpu":  # other numerics: another folder (CPU folders keep their names)
+        path = path.with_name(f"{path.name}-{device.split(':')[0]}")
+    on_cuda = device.startswith("cuda")
     if (path / MARKER_FILE).is_file():
         return path
 
@@ -180,7 +187,7 @@ def pretrain_tiny_model(
     try:
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(source_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(source_dir, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source_dir, local_files_only=True, dtype=torch.float32).to(device)
         model.train()
         before = corpus_loss(model, tokenizer, corpus=corpus, seed=seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
@@ -194,7 +201,8 @@ def pretrain_tiny_model(
         start = time.perf_counter()
         for step in range(steps):
             batch = _encode(tokenizer, documents[step * batch_size : (step + 1) * batch_size], max_len)
-            loss = lm_loss(model, batch)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+                loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()})
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -204,7 +212,7 @@ def pretrain_tiny_model(
         model.eval()
         after = corpus_loss(model, tokenizer, corpus=corpus, seed=seed)
 
-        model.save_pretrained(staging, safe_serialization=True)
+        model.cpu().save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         for extra in ("rlora_tiny.json",):
             if (source_dir / extra).is_file():
@@ -212,7 +220,7 @@ def pretrain_tiny_model(
         marker = dict(
             source=str(source_dir), corpus=corpus, steps=steps, seed=seed, batch_size=batch_size,
             learning_rate=learning_rate, max_len=max_len, loss_before=before, loss_after=after,
-            train_seconds=round(seconds, 2), threads=torch.get_num_threads(),
+            train_seconds=round(seconds, 2), threads=torch.get_num_threads(), device=device,
         )
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2))  # written last: completeness
         try:

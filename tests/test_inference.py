@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from adapters_support import perturbed_adapters
+from adapters_support import perturbed_adapters, rewrite_as_format_v1
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlora
@@ -31,6 +31,8 @@ ADAPTERS = {
     "hy": AdapterConfig(method="hydralora", heads=2, rank=2, target_modules=["q_proj", "v_proj", "down_proj"], seed=2),
     "lo": AdapterConfig(method="lora", rank=8, target_modules=["q_proj", "o_proj", "up_proj"], seed=3),
     "rl2": AdapterConfig(method="rlora", heads=4, rank=3, target_modules="all-linear", seed=4),
+    # R-LoRA with the zero router, saved in adapter format version 1 (see adapter_paths)
+    "rl0": AdapterConfig(method="rlora", heads=2, rank=4, target_modules=["up_proj", "o_proj"], seed=5, router_init="zero"),
 }
 GREEDY = {"max_new_tokens": 12, "ignore_eos_token": True}
 
@@ -56,7 +58,9 @@ def fresh_base(model_dir):
 
 @pytest.fixture(scope="module")
 def adapter_paths(workdir, model_dir):
-    return perturbed_adapters(model_dir, ADAPTERS, workdir / "adapters", seed_offset=100)
+    paths = perturbed_adapters(model_dir, ADAPTERS, workdir / "adapters", seed_offset=100)
+    rewrite_as_format_v1(paths["rl0"])
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +98,9 @@ def test_engine_logits_equal_rlora_load_eval(engine, model_dir, adapter_paths, a
 
 
 def test_mixed_adapter_batch_logits_equal_each_adapter_alone(engine, model_dir, adapter_paths):
-    seqs = [prompt("a mixed batch"), prompt("rows of different lengths, all padded left"), prompt("x"), prompt("plain base row"), prompt("rlora again")]
-    ids = ["rl", "hy", "lo", None, "rl2"]
+    seqs = [prompt("a mixed batch"), prompt("rows of different lengths, all padded left"), prompt("x"), prompt("plain base row"),
+            prompt("rlora again"), prompt("a version 1 adapter: the mean-head correction")]
+    ids = ["rl", "hy", "lo", None, "rl2", "rl0"]  # routed and unrouted corrections in one table
     got = engine.logits(seqs, ids, base_model="tiny")
     for seq, adapter_id, logits in zip(seqs, ids, got):
         model = fresh_base(model_dir) if adapter_id is None else rlora.load(fresh_base(model_dir), adapter_paths[adapter_id]).eval()
@@ -119,6 +124,20 @@ def test_bfloat16_engine_reproduces_training_time_eval(workdir, model_dir, adapt
         with torch.no_grad():
             expected = model(torch.tensor([seq])).logits[0]
         torch.testing.assert_close(logits.float(), expected.float(), rtol=0, atol=4e-3)
+
+
+def test_bfloat16_engine_serves_a_version_1_adapter_beside_a_routed_correction(workdir, model_dir, adapter_paths):
+    """The zero-router (format version 1) adapter in the same tables as one whose correction is
+    routed (more correction heads): served in bfloat16 as training-time eval computes it."""
+    seq = prompt("and a version 1 adapter")
+    with InferenceEngine(cache_dir=workdir / "cache", models_dir=workdir / "models", device="cpu", dtype=torch.bfloat16) as bf16:
+        for adapter_id in ("rl", "rl0"):
+            bf16.adapter(adapter_id, adapter_paths[adapter_id])
+        (got,) = bf16.logits([seq], ["rl0"], base_model="tiny")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        expected = rlora.load(base, adapter_paths["rl0"]).eval()(torch.tensor([seq])).logits[0]
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=4e-3)
 
 
 def test_fingerprint_checked(engine, workdir, adapter_paths):

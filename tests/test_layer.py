@@ -12,12 +12,14 @@ from rlora.adapter.config import VARIANTS
 from rlora.adapter.fused import FusedAdapter
 from rlora.adapter.layer import RLoRALinear
 
+# The paper's variants, and R-LoRA with the zero router of adapter format version 1.
+CASES = {**VARIANTS, "rlora-zero-router": dict(method="rlora", router_init="zero")}
 
 
 def make_layer(variant, d_in=24, d_out=20, rank=4, dropout=0.3, seed=0, **extra):
     torch.manual_seed(1234)
     base = nn.Linear(d_in, d_out)
-    config = AdapterConfig(rank=rank, dropout=dropout, seed=seed, **{**VARIANTS[variant], **extra})
+    config = AdapterConfig(rank=rank, dropout=dropout, seed=seed, **{**CASES[variant], **extra})
     layer = RLoRALinear(base, config, torch.Generator().manual_seed(seed))
     with torch.no_grad():  # trained-looking weights, so every term matters
         layer.lora_B.add_(torch.randn_like(layer.lora_B) * 0.1)
@@ -37,7 +39,13 @@ def per_head_loop(layer, x, head_masks=None, input_mask=None):
         h_i = h * head_masks[..., i, :] if head_masks is not None else h
         y = y + s * w[..., i : i + 1] * (h_i @ B[i].T)
     if layer.has_correction:
-        y = y - s * (x @ layer.lora_A0.T) @ layer.lora_B0.T
+        h0 = x @ layer.lora_A0.T
+        if layer.router0 is None:  # zero router: every initial head weighs 1/N, the mean head
+            y = y - s * h0 @ layer.lora_B0.T
+        else:
+            w0 = torch.softmax(x @ layer.router0.T, -1)
+            for i in range(layer.heads):
+                y = y - s * w0[..., i : i + 1] * (h0 @ layer.lora_B0[i].T)
     return y
 
 
@@ -62,7 +70,7 @@ def assert_close_in_norm(got, want, tolerance):
     assert error < tolerance, f"relative error {error:.3g}"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CASES)
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_equals_per_head_loop_float32(variant, training):
     layer = make_layer(variant).train(training)
@@ -76,7 +84,7 @@ def test_fused_equals_per_head_loop_float32(variant, training):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CASES)
 def test_fused_equals_per_head_loop_bfloat16(variant):
     layer = make_layer(variant).train()
     x32 = torch.randn(4, 9, 24)
@@ -168,13 +176,15 @@ def test_input_dropout_is_shared_by_all_heads():
     assert not torch.allclose(out, layer.eval()(x).reshape(8, 8, 3, 8))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CASES)
 def test_layer_starts_exactly_at_the_base_layer(variant):
     torch.manual_seed(0)
     base = nn.Linear(64, 48)
-    layer = RLoRALinear(base, AdapterConfig(**VARIANTS[variant]), torch.Generator().manual_seed(5)).eval()
+    layer = RLoRALinear(base, AdapterConfig(**CASES[variant]), torch.Generator().manual_seed(5)).eval()
     x = torch.randn(10, 64)
     torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6)
+    if layer.router is not None:  # every router starts Kaiming-uniform but the zero setting's
+        assert (torch.count_nonzero(layer.router) == 0) == (variant == "rlora-zero-router")
 
 
 def test_rlora_initialisation_follows_table_1():
@@ -183,10 +193,50 @@ def test_rlora_initialisation_follows_table_1():
     c = d_out**0.25 / math.sqrt(64)
     assert layer.lora_A.std().item() == pytest.approx(c / math.sqrt(d_in), rel=0.05)
     assert layer.lora_B.std().item() == pytest.approx(c / math.sqrt(d_out), rel=0.05)
+    # The router Kaiming-uniform (as nn.Linear: bound 1/sqrt(d_in)), the correction frozen
+    # copies of the initial A, router and every head.
+    bound = 1 / math.sqrt(d_in)
+    assert 0.9 * bound < layer.router.abs().max().item() <= bound
     torch.testing.assert_close(layer.lora_A0, layer.lora_A.detach())
-    torch.testing.assert_close(layer.lora_B0, layer.lora_B.detach().mean(0))
+    torch.testing.assert_close(layer.router0, layer.router.detach())
+    torch.testing.assert_close(layer.lora_B0, layer.lora_B.detach())
+    assert not any(t.requires_grad for t in (layer.lora_A0, layer.router0, layer.lora_B0))
+    assert {name for name, _ in layer.named_buffers()} == {"lora_A0", "router0", "lora_B0"}
+
+
+def test_zero_router_setting_keeps_the_mean_head_correction():
+    layer = RLoRALinear(nn.Linear(64, 32), AdapterConfig(router_init="zero"), torch.Generator().manual_seed(0))
     assert torch.count_nonzero(layer.router) == 0
-    assert not layer.lora_A0.requires_grad and not layer.lora_B0.requires_grad
+    assert layer.router0 is None
+    torch.testing.assert_close(layer.lora_B0, layer.lora_B.detach().mean(0))
+
+
+def test_zero_router_is_refused_for_zero_heads():
+    for variant in ("hydralora", "rlora-no-mi", "lora"):
+        with pytest.raises(ValueError, match="router_init"):
+            AdapterConfig(**VARIANTS[variant], router_init="zero")
+    with pytest.raises(ValueError, match="router_init"):
+        AdapterConfig(router_init="normal")
+
+
+def test_exact_start_in_a_trained_looking_regime():
+    """A larger layer, large inputs, a sharp initial router (far from uniform weights): the
+    correction still cancels the initial update to float32 rounding."""
+    torch.manual_seed(0)
+    base = nn.Linear(256, 512)
+    layer = RLoRALinear(base, AdapterConfig(heads=4, rank=8, gamma=1.0), torch.Generator().manual_seed(1)).eval()
+    with torch.no_grad():
+        layer.router.mul_(20)
+        layer.router0.copy_(layer.router)
+    x = torch.randn(4, 9, 256) * 3
+    weights = torch.softmax(x @ layer.router.T, -1)
+    assert weights.max() > 0.9  # routing far from 1/N: the mean head would not cancel it
+    h = x @ layer.lora_A.T
+    initial_update = layer.scaling * torch.einsum("...n,ndr,...r->...d", weights, layer.lora_B.detach(), h)
+    # Cancelled to float32 rounding of the update's size (no less: it is computed, then subtracted).
+    atol = 1e-5 * initial_update.abs().max().item()
+    assert initial_update.abs().max() > 1000 * atol
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=atol)
 
 
 def test_reference_init_scale_uses_rank():
@@ -228,6 +278,8 @@ def unfused_forward(layer, x):
         reads_x.append(layer.router)
     if layer.has_correction:
         reads_x.append(layer.lora_A0)
+        if layer.router0 is not None:
+            reads_x.append(layer.router0)
     z = F.linear(x, torch.cat(reads_x)) if reads_x else None
     if input_dropout:
         h = F.linear(F.dropout(x, p, training=True), layer.lora_A)
@@ -242,8 +294,16 @@ def unfused_forward(layer, x):
     stacked = heads.expand(*h.shape[:-1], n, r).reshape(*h.shape[:-1], n * r)
     writes = layer.lora_B.permute(1, 0, 2).reshape(layer.out_features, n * r)
     if layer.has_correction:
-        stacked = torch.cat([stacked, z[..., -r:]], dim=-1)
-        writes = torch.cat([writes, -layer.lora_B0], dim=1)
+        # The correction as the layer computed it with a zero router (format version 1): the
+        # mean initial head; with a Kaiming router, the initial heads weighed by the initial router.
+        h0 = z[..., n:n + r] if layer.router is not None else z[..., :r]
+        if layer.router0 is None:
+            stacked = torch.cat([stacked, h0], dim=-1)
+            writes = torch.cat([writes, -layer.lora_B0], dim=1)
+        else:
+            w0 = torch.softmax(z[..., n + r :].float(), dim=-1)
+            stacked = torch.cat([stacked, (w0.unsqueeze(-1) * h0.unsqueeze(-2)).flatten(-2)], dim=-1)
+            writes = torch.cat([writes, -layer.lora_B0.permute(1, 0, 2).reshape(layer.out_features, n * r)], dim=1)
     flat = result.reshape(-1, layer.out_features)
     out = torch.addmm(flat, stacked.reshape(-1, stacked.shape[-1]), (writes * layer.scaling).T)
     return out.view(result.shape)
@@ -253,7 +313,7 @@ def assert_close_to_magnitude(got, want, tolerance=1e-5):
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item())
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CASES)
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_function_equals_the_unfused_layer_float32(variant, training):
     layer = make_layer(variant, d_in=40, d_out=36, dropout=0.4).train(training)
@@ -270,7 +330,7 @@ def test_fused_function_equals_the_unfused_layer_float32(variant, training):
         assert_close_to_magnitude(got, want)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CASES)
 def test_fused_function_gradcheck_float64(variant):
     layer = make_layer(variant, d_in=7, d_out=6, rank=2, dropout=0.5).double()
     x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
@@ -284,7 +344,7 @@ def test_fused_function_gradcheck_float64(variant):
         dropped = rest[0] if x_dropped is not None else None
         router = rest[-1] if layer.router is not None else None
         return FusedAdapter.apply(
-            x, dropped, base_out, lora_A, lora_B, router, layer.lora_A0, layer.lora_B0,
+            x, dropped, base_out, lora_A, lora_B, router, layer.lora_A0, layer.router0, layer.lora_B0,
             head_keep, 0.5, layer.scaling, torch.float64,
         )[0]
 
@@ -324,9 +384,10 @@ def saved_bytes(layer, x):
 
 
 def test_saved_activations_grow_with_heads_only_by_router_weights_and_masks():
-    """Per token, rlora saves h (r floats), the router weights (N floats) and the multi-head
-    masks (N*r bools): from N=3 to N=8 at rank r that is at most tokens * 5 * 4 bytes of router
-    weights plus tokens * 5 * r bytes of masks more, never the (tokens, N*r) intermediate."""
+    """Per token, rlora saves h and h0 (r floats each), the router and initial router weights
+    (N floats each) and the multi-head masks (N*r bools): from N=3 to N=8 at rank r that is at
+    most tokens * 5 * 2 * 4 bytes of router weights plus tokens * 5 * r bytes of masks more,
+    never the (tokens, N*r) intermediate."""
     d, rank, tokens = 64, 4, 128
     x = torch.randn(tokens, d, requires_grad=True)
     saved = {}
@@ -334,10 +395,11 @@ def test_saved_activations_grow_with_heads_only_by_router_weights_and_masks():
         layer = RLoRALinear(nn.Linear(d, d), AdapterConfig(heads=heads, rank=rank), torch.Generator().manual_seed(0))
         saved[heads] = saved_bytes(layer.train(), x)
     (activations3, weight_copies3), (activations8, weight_copies8) = saved[3], saved[8]
-    assert activations3 == tokens * (4 * rank + 4 * 3 + 3 * rank)
-    assert activations8 - activations3 <= tokens * (8 - 3) * 4 + tokens * (8 - 3) * rank
-    # The weights cast once per forward and kept for backward: the new heads' rows and columns.
-    assert weight_copies8 - weight_copies3 <= (8 - 3) * (d + rank * d) * 4
+    assert activations3 == tokens * (2 * (4 * rank + 4 * 3) + 3 * rank)
+    assert activations8 - activations3 <= tokens * (8 - 3) * 2 * 4 + tokens * (8 - 3) * rank
+    # The weights cast once per forward and kept for backward: the new heads' rows and columns
+    # (router and initial router, heads and initial heads).
+    assert weight_copies8 - weight_copies3 <= (8 - 3) * 2 * (d + rank * d) * 4
 
 
 @pytest.mark.parametrize("heads", [3, 8])

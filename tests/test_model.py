@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import rlora
 from rlora import AdapterConfig, AdapterConfigError, AdapterMismatchError
 from rlora.adapter.config import VARIANTS
-from rlora.adapter.folder import adapter_state_dict
+from rlora.adapter.folder import adapter_state_dict, read_adapter_config
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -112,6 +112,10 @@ def test_save_load_round_trip_is_bit_identical(variant, tiny_model_path, tmp_pat
     assert tensors[f"{path}.lora_B"].shape == (n, 128, 4)
     assert (f"{path}.router" in tensors) == (variant != "lora")
     assert (f"{path}.lora_A0" in tensors) == (f"{path}.lora_B0" in tensors) == (variant == "rlora")
+    assert (f"{path}.router0" in tensors) == (variant == "rlora")  # format version 2: the routed correction
+    if variant == "rlora":
+        assert tensors[f"{path}.lora_B0"].shape == (n, 128, 4) and tensors[f"{path}.router0"].shape == (n, 256)
+    assert meta["format_version"] == 2 and meta["router_init"] == "kaiming"
 
     loaded = rlora.load(AutoModelForCausalLM.from_pretrained(tiny_model_path), tmp_path / "adapter")
     ids = token_batch()
@@ -119,6 +123,43 @@ def test_save_load_round_trip_is_bit_identical(variant, tiny_model_path, tmp_pat
         assert torch.equal(model.eval()(ids).logits, loaded.eval()(ids).logits)
     for key, value in adapter_state_dict(model).items():
         assert torch.equal(adapter_state_dict(loaded)[key], value)
+
+
+def test_format_version_1_folder_still_loads(tiny_model_path, tmp_path):
+    """A folder written the old way (zero router, mean-head correction, no router_init, format
+    version 1) loads as router_init="zero": the same function, and the same exact start."""
+    from adapters_support import rewrite_as_format_v1
+
+    model = rlora.attach(AutoModelForCausalLM.from_pretrained(tiny_model_path), AdapterConfig(router_init="zero", seed=3))
+    ids = token_batch()
+    with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()(ids).logits
+        torch.testing.assert_close(model.eval()(ids).logits, base_logits, rtol=0, atol=1e-5)
+        for layer in rlora.adapter_layers(model).values():
+            layer.lora_B.add_(0.1 * torch.randn_like(layer.lora_B))
+            layer.router.normal_()
+    old = rewrite_as_format_v1(rlora.save(model, tmp_path / "v1", base_model_name="tiny"))
+    config, meta = read_adapter_config(old)
+    assert meta["format_version"] == 1 and config.router_init == "zero"
+    loaded = rlora.load(AutoModelForCausalLM.from_pretrained(tiny_model_path), old)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded.eval()(ids).logits)
+    # A version 1 HydraLoRA (Kaiming router, no correction) loads with the Kaiming router.
+    hydra = rlora.attach(AutoModelForCausalLM.from_pretrained(tiny_model_path), AdapterConfig(method="hydralora"))
+    folder = rlora.save(hydra, tmp_path / "hydra-v1", base_model_name="tiny")
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    del meta["router_init"]
+    (folder / "adapter_config.json").write_text(json.dumps({**meta, "format_version": 1}))
+    assert read_adapter_config(folder)[0].router_init == "kaiming"
+
+
+def test_a_newer_format_version_is_refused(tiny_model_path, tmp_path):
+    model = rlora.attach(AutoModelForCausalLM.from_pretrained(tiny_model_path), AdapterConfig())
+    folder = rlora.save(model, tmp_path / "future", base_model_name="tiny")
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(rlora.AdapterMismatchError, match="format version 3"):
+        rlora.load(AutoModelForCausalLM.from_pretrained(tiny_model_path), folder)
 
 
 def test_load_refuses_another_base_model(tiny_model_path, tmp_path):
@@ -168,7 +209,7 @@ def test_head_similarity_of_known_heads(tiny_model_path):
 
 
 def test_routing_summary_reports_weights_and_entropy(tiny_model_path):
-    model = rlora.attach(AutoModelForCausalLM.from_pretrained(tiny_model_path), AdapterConfig(heads=4))
+    model = rlora.attach(AutoModelForCausalLM.from_pretrained(tiny_model_path), AdapterConfig(heads=4, router_init="zero"))
     ids = token_batch()
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0

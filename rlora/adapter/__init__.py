@@ -7,7 +7,10 @@ from .._exports import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(["adapter_layers", "attach", "trainable_parameters"], ".inject"),
     **dict.fromkeys(["VARIANTS", "AdapterConfig", "AdapterConfigError"], ".config"),
-    **dict.fromkeys(["head_similarity", "record_routing", "routing_summary"], ".diagnostics"),
+    **dict.fromkeys(
+        ["head_similarity", "initial_heads", "record_routing", "routing_by_task", "routing_summary", "update_similarity"],
+        ".diagnostics",
+    ),
     **dict.fromkeys(["AdapterMismatchError", "base_model_fingerprint", "load", "read_adapter_config", "save"], ".folder"),
     "RLoRALinear": ".layer",
 }

@@ -11,6 +11,11 @@ METHODS = ("lora", "hydralora", "rlora")
 DEFAULT_TARGET_MODULES = ("gate_proj", "up_proj", "down_proj")  # paper, Appendix C
 ALL_LINEAR = "all-linear"
 INIT_SCALES = ("paper", "reference")
+# "kaiming": every router starts Kaiming-uniform, as HydraLoRA's and R-LoRA's reference code
+# do; "zero": the router of random heads starts at zero (format version 1's only choice), kept
+# to compare against. Zero heads always start a Kaiming router: a zero one would give every
+# head the same gradient forever.
+ROUTER_INITS = ("kaiming", "zero")
 # Safety bounds, not policy: past them an adapter is no longer a small update to the base
 # model but swamps it, and bfloat16 outputs overflow to inf/NaN (an alpha of 1e38 trained
 # "successfully" into NaN outputs). alpha: common values are 8..512 (alpha = 2 * rank at rank
@@ -64,6 +69,7 @@ class AdapterConfig:
     init_scale: str | float = "paper"
     multi_head_dropout: bool | None = None
     random_init: bool | None = None
+    router_init: str = "kaiming"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -101,12 +107,18 @@ class AdapterConfig:
                 raise AdapterConfigError("target_modules", f"must be a list of module names or {ALL_LINEAR!r}, got {targets!r}")
         elif not isinstance(targets, tuple) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise AdapterConfigError("target_modules", "must be a non-empty list of module names")
+        if self.router_init not in ROUTER_INITS:
+            raise AdapterConfigError("router_init", f"must be one of {', '.join(ROUTER_INITS)}, got {self.router_init!r}")
         for switch in ("multi_head_dropout", "random_init"):
             value = getattr(self, switch)
             if value is not None and not isinstance(value, bool):
                 raise AdapterConfigError(switch, "must be true, false or null")
             if value is not None and self.method != "rlora":
                 raise AdapterConfigError(switch, f"is an R-LoRA ablation switch; method {self.method!r} fixes it")
+        if self.router_init == "zero" and not self.uses_random_init:
+            raise AdapterConfigError(
+                "router_init", "zero is for heads that start random; with zero heads a zero router would keep every head identical forever"
+            )
 
     # What the method and switches amount to; the layer reads only these.
     @property
@@ -120,6 +132,12 @@ class AdapterConfig:
     @property
     def uses_random_init(self) -> bool:
         return self.method == "rlora" and self.random_init is not False
+
+    @property
+    def routes_correction(self) -> bool:
+        """Whether the frozen init correction weighs the initial heads by a frozen copy of the
+        initial router (Kaiming router), rather than by exactly 1/N (zero router)."""
+        return self.uses_random_init and self.router_init == "kaiming"
 
     @property
     def scaling(self) -> float:

@@ -3,8 +3,13 @@
 The adapter folder is a documented format (docs/design.md section 3): ``adapter_config.json`` holds
 the `AdapterConfig`, the base model's name and fingerprint and the library version;
 ``adapter_model.safetensors`` holds, for each adapted module path ``P``, ``P.lora_A``,
-``P.lora_B``, ``P.router`` (not for lora), ``P.lora_A0`` and ``P.lora_B0`` (only when the heads
-start non-zero).
+``P.lora_B``, ``P.router`` (not for lora), and only when the heads start non-zero ``P.lora_A0``,
+``P.lora_B0`` and (for a Kaiming router) ``P.router0``.
+
+Format version 2 added ``router_init`` and the routed correction (``P.router0``, and
+``P.lora_B0`` as every initial head (N, d_out, r)). Version 1 had no choice: random heads had a
+zero router and ``P.lora_B0`` was their mean (d_out, r); such a folder loads as
+``router_init="zero"``, which is that very layer.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from .config import AdapterConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT_VERSION = 1
-ADAPTER_TENSORS = ("lora_A", "lora_B", "router", "lora_A0", "lora_B0")
+FORMAT_VERSION = 2
+ADAPTER_TENSORS = ("lora_A", "lora_B", "router", "lora_A0", "router0", "lora_B0")
 
 
 class AdapterMismatchError(ValueError):
@@ -93,7 +98,12 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict[st
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterMismatchError(f"{path} has format version {meta['format_version']}; this library reads up to {FORMAT_VERSION}")
     fields = AdapterConfig.__dataclass_fields__
-    config = AdapterConfig.from_dict({k: v for k, v in meta.items() if k in fields})
+    settings = {k: v for k, v in meta.items() if k in fields}
+    if meta.get("format_version", 0) < 2 and "router_init" not in settings:
+        # Version 1 started the router of random heads at zero, of zero heads Kaiming-uniform.
+        random_heads = settings.get("method", "rlora") == "rlora" and settings.get("random_init") is not False
+        settings["router_init"] = "zero" if random_heads else "kaiming"
+    config = AdapterConfig.from_dict(settings)
     return config, {k: v for k, v in meta.items() if k not in fields}
 
 

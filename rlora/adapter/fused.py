@@ -4,28 +4,34 @@ Per token, with ``s`` the scaling, ``q = 1 - p`` the keep probability, ``K_i`` (
 head) the multi-head dropout masks, ``M_i = K_i / q``, and ``x_d`` the input after input dropout
 (the caller's `torch.native_dropout`, whose mask and backward are autograd's own fused kernels):
 
-    z    = [A; W_r; A0] x       (A reads x_d instead when there is input dropout)
-    h, logits, h0 = split(z)
+    z    = [A; W_r; A0; W_r0] x  (A reads x_d instead when there is input dropout)
+    h, logits, h0, logits0 = split(z)
     w    = softmax(logits)                      float32; w = 1 when there is no router
+    w0   = softmax(logits0)                     float32; w0 = 1 (one correction head: the mean
+                                                initial head) when there is no W_r0
     H_i  = w_i * (M_i * h)                       (N, r) per token, never saved
-    y    = base + [s B_1 .. s B_N | -s B0] [H; h0]
+    H0_i = w0_i * h0                             the correction's heads, no dropout
+    y    = base + [s B_1 .. s B_N | -s B0_1 .. -s B0_N0] [H; H0]
 
 Backward, from the output gradient ``g`` (T, d_out), saving only ``h`` (T, r), ``w`` (T, N),
-the bool masks, the layer input ``x`` (which computing grad A needs anyway) and the weights as
-packed and cast for the forward (weight-sized, so backward casts nothing again):
+``h0`` and ``w0`` (for a routed correction), the bool masks, the layer input ``x`` (which
+computing grad A needs anyway), with input dropout ``x_d`` (once, whatever the heads), and the weights as packed and cast for the forward
+(weight-sized, so backward casts nothing again):
 
-    [G_1 .. G_N | dh0] = g [s B_1 .. s B_N | -s B0]          one matmul
+    [G_1 .. G_N | G0] = g [s B_1 .. s B_N | -s B0]           one matmul
     grad B_i  = s g^T H_i                                     one matmul, H rebuilt from h, M, w
     dw_i      = <G_i, M_i * h>                                per token
     dlogits   = w * (dw - sum_j w_j dw_j)                     softmax backward
     dh        = sum_i w_i M_i * G_i
+    dh0, dlogits0 likewise from G0, h0 and w0 (only for grad x: nothing of it is trained)
     grad [A; W_r] = [dh | dlogits]^T x                        one matmul (two with input dropout:
                                                               grad A = dh^T x_d)
-    grad x    = [dh | dlogits | dh0] [A; W_r; A0]             one matmul (with input dropout,
+    grad x    = [dh | dlogits | dh0 | dlogits0] [A; W_r; A0; W_r0]
+                                                              one matmul (with input dropout,
                                                               grad x_d = dh A apart: autograd's
                                                               dropout backward takes it to x)
 
-A0 and B0 are frozen: no gradient. The base layer keeps its own autograd.
+A0, W_r0 and B0 are frozen: no gradient. The base layer keeps its own autograd.
 """
 
 from __future__ import annotations
@@ -33,24 +39,35 @@ from __future__ import annotations
 import torch
 
 
-def pack_reads(lora_A, router, lora_A0, dtype: torch.dtype) -> torch.Tensor:
-    """``[A; W_r; A0]`` (the rows that read x) in ``dtype``. The concatenation is the cast's own
-    copy (one kernel): a cast per part would cost more kernels, and a matmul per part would
-    read x once per part."""
-    parts = [t for t in (lora_A, router, lora_A0) if t is not None]
+def pack_reads(lora_A, router, lora_A0, router0, dtype: torch.dtype) -> torch.Tensor:
+    """``[A; W_r; A0; W_r0]`` (the rows that read x) in ``dtype``. The concatenation is the
+    cast's own copy (one kernel): a cast per part would cost more kernels, and a matmul per
+    part would read x once per part."""
+    parts = [t for t in (lora_A, router, lora_A0, router0) if t is not None]
     packed = torch.empty(sum(t.shape[0] for t in parts), lora_A.shape[1], dtype=dtype, device=lora_A.device)
     return torch.cat(parts, out=packed)
 
 
+def correction_heads(lora_B0) -> int:
+    """How many initial heads the correction has: N (routed, ``(N, d_out, r)``), 1 (the mean
+    initial head, ``(d_out, r)``) or 0 (none)."""
+    if lora_B0 is None:
+        return 0
+    return lora_B0.shape[0] if lora_B0.dim() == 3 else 1
+
+
 def pack_writes(lora_B, lora_B0, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """``s [B_1 .. B_N | -B0]`` (the columns that write the output) in ``dtype``, scaled and
-    cast in one pass per part. Training, eval and serving all pack with it, so they round alike."""
+    """``s [B_1 .. B_N | -B0_1 .. -B0_N0]`` (the columns that write the output) in ``dtype``,
+    scaled and cast in one pass per part. Training, eval and serving all pack with it, so they
+    round alike."""
     heads, d_out, rank = lora_B.shape
-    correction_rank = 0 if lora_B0 is None else lora_B0.shape[1]
-    writes = torch.empty(d_out, heads * rank + correction_rank, dtype=dtype, device=lora_B.device)
+    n0 = correction_heads(lora_B0)
+    correction_columns = 0 if lora_B0 is None else n0 * lora_B0.shape[-1]
+    writes = torch.empty(d_out, heads * rank + correction_columns, dtype=dtype, device=lora_B.device)
     torch.mul(lora_B.permute(1, 0, 2), scaling, out=writes[:, : heads * rank].view(d_out, heads, rank))
     if lora_B0 is not None:
-        torch.mul(lora_B0, -scaling, out=writes[:, heads * rank :])
+        initial = lora_B0 if lora_B0.dim() == 3 else lora_B0.unsqueeze(0)
+        torch.mul(initial.permute(1, 0, 2), -scaling, out=writes[:, heads * rank :].view(d_out, n0, -1))
     return writes
 
 
@@ -75,7 +92,7 @@ class FusedAdapter(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_dropped, base_out, lora_A, lora_B, router, lora_A0, lora_B0, head_keep,
+    def forward(ctx, x, x_dropped, base_out, lora_A, lora_B, router, lora_A0, router0, lora_B0, head_keep,
                 keep_prob: float, scaling: float, compute_dtype: torch.dtype):
         d_in, d_out = x.shape[-1], base_out.shape[-1]
         heads, rank = lora_B.shape[0], lora_B.shape[2]
@@ -83,7 +100,7 @@ class FusedAdapter(torch.autograd.Function):
         x2 = x.reshape(-1, d_in).to(compute_dtype)
         dropped2 = None if x_dropped is None else x_dropped.reshape(-1, d_in).to(compute_dtype)
         head_keep2 = None if head_keep is None else head_keep.reshape(-1, heads, rank)
-        reads = pack_reads(lora_A, router, lora_A0, compute_dtype)
+        reads = pack_reads(lora_A, router, lora_A0, router0, compute_dtype)
         writes = pack_writes(lora_B, lora_B0, scaling, base_out.dtype)
 
         # Everything that reads x in one matmul; with input dropout A reads x_d in its own.
@@ -97,20 +114,29 @@ class FusedAdapter(torch.autograd.Function):
 
         stacked = _dropped(_wide(h).unsqueeze(1).expand(-1, heads, -1), head_keep2, keep_scale)  # M_i * h
         weights = None
+        router_rows = 0 if router is None else heads
         if router is not None:
             weights = torch.softmax(_wide(rest[:, :heads]), dim=-1)
             stacked = stacked * weights.unsqueeze(-1)
-        # [H; h0] written in place in the output matmul's dtype: one cast, no concatenation.
+        # [H; H0] written in place in the output matmul's dtype: one cast, no concatenation.
         delta_in = torch.empty(x2.shape[0], writes.shape[1], dtype=base_out.dtype, device=x.device)
         delta_in[:, : heads * rank] = stacked.flatten(1)
+        h0 = weights0 = None
         if lora_A0 is not None:
-            delta_in[:, heads * rank :] = rest[:, -rank:]
+            h0 = rest[:, router_rows : router_rows + lora_A0.shape[0]]
+            if router0 is None:
+                delta_in[:, heads * rank :] = h0
+                h0 = None  # backward needs it only to weigh a routed correction
+            else:
+                h0 = _wide(h0).contiguous()  # saved: its own storage, as h
+                weights0 = torch.softmax(_wide(rest[:, router_rows + lora_A0.shape[0] :]), dim=-1)
+                delta_in[:, heads * rank :] = (weights0.unsqueeze(-1) * h0.unsqueeze(1)).flatten(1)
         # addmm adds into the base output in the same BLAS call: no full-width temporary.
         out = torch.addmm(base_out.reshape(-1, d_out), delta_in, writes.T)
 
         # The dropped input is saved once (in the compute dtype), whatever the number of heads:
         # grad A needs it, and recomputing it in backward cost more on an H200 than keeping it.
-        ctx.save_for_backward(x, dropped2, h, weights, head_keep2, reads, writes)
+        ctx.save_for_backward(x, dropped2, h, weights, h0, weights0, head_keep2, reads, writes)
         ctx.keep_scale, ctx.scaling, ctx.heads, ctx.rank = keep_scale, scaling, heads, rank
         ctx.param_dtype = lora_A.dtype
         ctx.dropped_dtype = None if x_dropped is None else x_dropped.dtype
@@ -120,7 +146,7 @@ class FusedAdapter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_weights):
-        x, dropped2, h, weights, head_keep2, reads, writes = ctx.saved_tensors
+        x, dropped2, h, weights, h0, weights0, head_keep2, reads, writes = ctx.saved_tensors
         heads, rank, keep_scale, param_dtype = ctx.heads, ctx.rank, ctx.keep_scale, ctx.param_dtype
         needs_x, needs_dropped, _, needs_A, needs_B, needs_router = ctx.needs_input_grad[:6]
         routed = weights is not None
@@ -128,7 +154,7 @@ class FusedAdapter(torch.autograd.Function):
         d_in, d_out = x.shape[-1], grad_out.shape[-1]
         g = grad_out.reshape(-1, d_out)
 
-        d_delta_in = _wide(g @ writes)  # [G_1 .. G_N | dh0]
+        d_delta_in = _wide(g @ writes)  # [G_1 .. G_N | G0]
         grad_heads = d_delta_in[:, : heads * rank].view(-1, heads, rank)
         masked = _dropped(_wide(h).unsqueeze(1).expand(-1, heads, -1), head_keep2, keep_scale)  # M_i * h
         stacked, weighted_grads = masked, grad_heads
@@ -144,12 +170,20 @@ class FusedAdapter(torch.autograd.Function):
             grad_writes_t = _wide(stacked.flatten(1).to(g.dtype).T @ g) * ctx.scaling  # (N*r, d_out)
             grad_B = grad_writes_t.view(heads, rank, d_out).transpose(1, 2).to(param_dtype, memory_format=torch.contiguous_format)
 
-        # dz in the column order of `reads`: [dh | dlogits | dh0].
+        # dz in the column order of `reads`: [dh | dlogits | dh0 | dlogits0].
         d_z = torch.empty(g.shape[0], reads.shape[0], dtype=reads.dtype, device=g.device)
         d_z[:, :rank] = d_h
         if routed:
             d_z[:, rank:trained_rows] = d_logits
-        d_z[:, trained_rows:] = d_delta_in[:, heads * rank :]
+        if needs_x and reads.shape[0] > trained_rows:  # the frozen correction: a gradient for x only
+            grad_correction = d_delta_in[:, heads * rank :]
+            if weights0 is None:
+                d_z[:, trained_rows:] = grad_correction
+            else:
+                grad_correction = grad_correction.view(-1, weights0.shape[1], h0.shape[1])
+                d_weights0 = (grad_correction * h0.unsqueeze(1)).sum(-1)
+                d_z[:, trained_rows : trained_rows + h0.shape[1]] = (grad_correction * weights0.unsqueeze(-1)).sum(1)
+                d_z[:, trained_rows + h0.shape[1] :] = weights0 * (d_weights0 - (weights0 * d_weights0).sum(-1, keepdim=True))
 
         grad_A = grad_router = grad_x = grad_dropped = None
         x2 = x.reshape(-1, d_in).to(reads.dtype) if needs_A or needs_router else None
@@ -174,4 +208,4 @@ class FusedAdapter(torch.autograd.Function):
                 torch.mm(d_z[:, rank:], reads[rank:], out=grad_x.view(-1, d_in))
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_dropped, grad_out, grad_A, grad_B, grad_router, None, None, None, None, None, None
+        return grad_x, grad_dropped, grad_out, grad_A, grad_B, grad_router, None, None, None, None, None, None, None, None

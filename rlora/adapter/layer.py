@@ -22,13 +22,16 @@ RoutingObserver = Callable[["RLoRALinear", torch.Tensor], None]
 
 
 class RLoRALinear(nn.Module):
-    """``y = W x + b + s * sum_i w_i B_i h_i - s * B0 (A0 x)``, with ``h = A x``.
+    """``y = W x + b + s * sum_i w_i B_i h_i - s * sum_i w0_i B0_i (A0 x)``, with ``h = A x``,
+    ``w = softmax(W_r x)`` and ``w0 = softmax(W_r0 x)``.
 
     Parameters: ``lora_A`` (r, d_in), ``lora_B`` (N, d_out, r), ``router`` (N, d_in) or None.
-    Buffers: ``lora_A0`` (r, d_in) and ``lora_B0`` (d_out, r), frozen copies of the initial A
-    and of the mean initial head, present only when the heads start non-zero: they cancel the
-    initial update, so the adapted layer starts exactly at the base layer without touching
-    ``W``, which other adapters share.
+    Buffers, present only when the heads start non-zero: ``lora_A0`` (r, d_in), ``router0``
+    (N, d_in) and ``lora_B0`` (N, d_out, r), frozen copies of the initial A, router and heads.
+    They cancel the initial update, so the adapted layer starts exactly at the base layer
+    without touching ``W``, which other adapters share. With ``router_init="zero"`` every head
+    weighs exactly 1/N at the start, so the correction needs no router: ``router0`` is None and
+    ``lora_B0`` is the mean initial head (d_out, r), as in adapter format version 1.
     """
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig, generator: torch.Generator):
@@ -50,12 +53,16 @@ class RLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(lora_A.to(device))
         self.lora_B = nn.Parameter(lora_B.to(device))
         self.router = nn.Parameter(_initial_router(config, d_in, generator).to(device)) if config.has_router else None
+        lora_A0 = router0 = lora_B0 = None  # registered as None buffers when absent
         if config.uses_random_init:
-            self.register_buffer("lora_A0", lora_A.clone().to(device))
-            self.register_buffer("lora_B0", lora_B.mean(dim=0).to(device))
-        else:
-            self.lora_A0 = None
-            self.lora_B0 = None
+            lora_A0 = lora_A.clone().to(device)
+            if config.routes_correction:
+                router0, lora_B0 = self.router.detach().clone(), lora_B.clone().to(device)
+            else:
+                lora_B0 = lora_B.mean(dim=0).to(device)
+        self.register_buffer("lora_A0", lora_A0)
+        self.register_buffer("router0", router0)
+        self.register_buffer("lora_B0", lora_B0)
         self.train(base_layer.training)  # join the model in its current mode
 
     @property
@@ -88,8 +95,8 @@ class RLoRALinear(nn.Module):
             x_dropped, _ = torch.native_dropout(x, p, True)
 
         out, weights = FusedAdapter.apply(
-            x, x_dropped, result, self.lora_A, self.lora_B, self.router, self.lora_A0, self.lora_B0,
-            head_keep, 1.0 - p, self.scaling, compute_dtype,
+            x, x_dropped, result, self.lora_A, self.lora_B, self.router, self.lora_A0, self.router0,
+            self.lora_B0, head_keep, 1.0 - p, self.scaling, compute_dtype,
         )
         if self.routing_observer is not None and weights is not None:
             self.routing_observer(self, weights.to(compute_dtype).view(*x.shape[:-1], self.heads))
@@ -99,18 +106,18 @@ class RLoRALinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, method={self.config.method}, "
             f"heads={self.heads}, rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout}, "
-            f"multi_head_dropout={self.multi_head_dropout}, correction={self.has_correction}"
+            f"multi_head_dropout={self.multi_head_dropout}, correction={self.has_correction}, "
+            f"routed_correction={self.router0 is not None}"
         )
 
 
 def _initial_router(config: AdapterConfig, d_in: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero when the heads start random: every head then weighs exactly 1/N at step 0, which
-    the frozen correction assumes. With zero heads the start is exact whatever the router, and
-    a zero router there would leave the heads' gradients identical forever (the same input, the
-    same 1/N weight), so it starts as HydraLoRA's reference does: Kaiming-uniform, like
-    ``nn.Linear``."""
+    """Kaiming-uniform, like ``nn.Linear`` and HydraLoRA's and R-LoRA's reference code, for
+    every method: the frozen correction keeps the start exact whatever the router. Zero with
+    ``router_init="zero"`` (random heads only, see `AdapterConfig`): every head then weighs
+    exactly 1/N at step 0."""
     router = torch.zeros(config.heads, d_in)
-    if not config.uses_random_init:
+    if config.router_init == "kaiming":
         nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator)
     return router
 

@@ -1,14 +1,17 @@
 """Adapters for inference: the eval-mode adapter math in packed form, loading an adapter folder
 against a served base model, and the LRU cache bounded in bytes.
 
-An adapted layer in eval mode (no dropout) computes, with ``z = [A; W_r; A0] x``:
+An adapted layer in eval mode (no dropout) computes, with ``z = [A; W_r; A0; W_r0] x``:
 
-    h = z[:r]; w = softmax(z[r:r+N]) (1 without a router); h0 = z[r+N:]
-    y = W x + b + [s*B_1 .. s*B_N | -s*B0] [w_1 h; ..; w_N h; h0]
+    h = z[:r]; w = softmax(z[r:r+N]) (1 without a router); h0 = z[r+N:r+N+r0]
+    w0 = softmax(z[r+N+r0:]) (1 without an initial router: the correction's one mean head)
+    y = W x + b + [s*B_1 .. s*B_N | -s*B0_1 .. -s*B0_N0] [w_1 h; ..; w_N h; w0_1 h0; ..; w0_N0 h0]
 
-so each layer is held as two matrices: ``reads`` (r + N_router + r0, d_in) and ``writes``
-(d_out, N*r + r0), exactly the tensors of the adapter file (their bytes are the adapter's own
-size), packed by `rlora.adapter.fused` as `RLoRALinear` packs them.
+The correction is not linear in x once the initial router weighs it, so it cannot be folded
+into a matrix: it is served as the layer computes it, a second set of heads. Each layer is
+held as two matrices: ``reads`` (r + N_router + r0 + N0_router, d_in) and ``writes``
+(d_out, N*r + N0*r0), exactly the tensors of the adapter file (their bytes are the adapter's
+own size), packed by `rlora.adapter.fused` as `RLoRALinear` packs them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from safetensors.torch import load_file
 from ..adapter.inject import is_target
 from ..adapter.config import AdapterConfig, AdapterConfigError
 from ..adapter.folder import WEIGHTS_FILE, AdapterMismatchError, check_base_model, is_adapter_folder, read_adapter_config
-from ..adapter.fused import pack_reads, pack_writes
+from ..adapter.fused import correction_heads, pack_reads, pack_writes
 
 
 class AdapterTooLarge(ValueError):
@@ -55,8 +58,12 @@ class PackedLayer:
     heads: int
     has_router: bool
     correction_rank: int  # r when the frozen init correction is present, else 0
-    reads: torch.Tensor  # (rank + (heads if has_router else 0) + correction_rank, d_in)
-    writes: torch.Tensor  # (d_out, heads * rank + correction_rank)
+    # The correction's initial heads: N when weighed by the initial router (then N router rows
+    # more in reads), 1 (the mean initial head, weight 1) without it, 0 without a correction.
+    correction_heads: int
+    correction_routed: bool
+    reads: torch.Tensor  # (rank + router_rows + correction_rank + correction_router_rows, d_in)
+    writes: torch.Tensor  # (d_out, heads * rank + correction_heads * correction_rank)
 
     @property
     def nbytes(self) -> int:
@@ -66,12 +73,17 @@ class PackedLayer:
     def router_rows(self) -> int:
         return self.heads if self.has_router else 0
 
+    @property
+    def correction_router_rows(self) -> int:
+        return self.correction_heads if self.correction_routed else 0
+
 
 def pack_layer(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     router: torch.Tensor | None,
     lora_A0: torch.Tensor | None,
+    router0: torch.Tensor | None,
     lora_B0: torch.Tensor | None,
     scaling: float,
     out_dtype: torch.dtype | None = None,
@@ -84,7 +96,9 @@ def pack_layer(
         heads=heads,
         has_router=router is not None,
         correction_rank=0 if lora_A0 is None else lora_A0.shape[0],
-        reads=pack_reads(lora_A, router, lora_A0, lora_A.dtype),
+        correction_heads=correction_heads(lora_B0),
+        correction_routed=router0 is not None,
+        reads=pack_reads(lora_A, router, lora_A0, router0, lora_A.dtype),
         writes=pack_writes(lora_B, lora_B0, scaling, out_dtype or lora_B.dtype),
     )
 
@@ -138,7 +152,7 @@ def load_adapter(
     for module, parts in modules.items():
         _check_module(adapter_id, module, parts, config, linear_shapes)
         packed = layers[module] = pack_layer(
-            parts["lora_A"], parts["lora_B"], parts.get("router"), parts.get("lora_A0"), parts.get("lora_B0"),
+            parts["lora_A"], parts["lora_B"], parts.get("router"), parts.get("lora_A0"), parts.get("router0"), parts.get("lora_B0"),
             config.scaling, out_dtype,
         )
         if not (torch.isfinite(packed.reads).all() and torch.isfinite(packed.writes).all()):
@@ -156,12 +170,15 @@ def _check_module(adapter_id, module, parts, config: AdapterConfig, linear_shape
         fail(f"not among the adapter's target_modules {list(config.target_modules)}")
     expected = {"lora_A", "lora_B"} | ({"router"} if config.has_router else set())
     if config.uses_random_init:
-        expected |= {"lora_A0", "lora_B0"}
+        expected |= {"lora_A0", "lora_B0"} | ({"router0"} if config.routes_correction else set())
     if set(parts) != expected:
         fail(f"tensors {sorted(parts)}, expected {sorted(expected)}")
     d_out, d_in = linear_shapes[module]
     n, r = config.heads, config.rank
-    shapes = {"lora_A": (r, d_in), "lora_B": (n, d_out, r), "router": (n, d_in), "lora_A0": (r, d_in), "lora_B0": (d_out, r)}
+    shapes = {
+        "lora_A": (r, d_in), "lora_B": (n, d_out, r), "router": (n, d_in), "lora_A0": (r, d_in), "router0": (n, d_in),
+        "lora_B0": (n, d_out, r) if config.routes_correction else (d_out, r),
+    }
     for key, tensor in parts.items():
         if tuple(tensor.shape) != shapes[key]:
             fail(f"{key} has shape {tuple(tensor.shape)}, expected {shapes[key]}")

@@ -3,13 +3,19 @@ read from preallocated slot tables (as S-LoRA and Punica do).
 
 The adapters of the running requests sit in `AdapterSlots` (``slots.py``): per adapted layer a
 ``reads`` table (S, K, d_in) and a ``writes`` table (S, W, d_out), every adapter padded with zeros
-to the table's rank R, head count NH and correction rank R0 (K = R + NH + R0, W = NH*R + R0).
+to the table's rank R, head count NH, correction rank R0 and correction head count NH0
+(K = R + NH + R0 + NH0, W = NH*R + NH0*R0).
 Each row of a batch carries a slot index and an on/off flag (off: the plain base model), so a
 batch with other adapters in it changes tensor *data*, never shapes: a captured decode step
 replays for any mix of adapters. With ``z = x reads_slot^T``:
 
-    h = z[:R]; w = softmax(z[R:R+NH] + bias_slot); h0 = z[R+NH:]
-    y = W x + b + on * [w_1 h; ..; w_NH h; h0] writes_slot
+    h = z[:R]; w = softmax(z[R:R+NH] + bias_slot); h0 = z[R+NH:R+NH+R0]
+    w0 = softmax(z[R+NH+R0:] + bias0_slot)
+    y = W x + b + on * [w_1 h; ..; w_NH h; w0_1 h0; ..; w0_NH0 h0] writes_slot
+
+The frozen init correction is a second set of heads: weighed by the initial router (N heads),
+or one head of weight 1 (the mean initial head of a zero-router adapter: a zero router row
+and bias 0, so softmax gives it 1).
 
 For the whole batch this is one matmul against the first S' slots' reads (S' = slots in use,
 bucketed), a gather of each row's part, and one matmul against the S' slots' writes with each
@@ -41,20 +47,27 @@ class ForwardContext:
 class LayerTable:
     """The slot tables of one adapted layer (see the module docstring)."""
 
-    def __init__(self, slots: int, rank: int, heads: int, correction_rank: int, d_in: int, d_out: int,
-                 device: torch.device, reads_dtype: torch.dtype, writes_dtype: torch.dtype):
-        self.rank, self.heads, self.correction_rank = rank, heads, correction_rank
-        k, w = rank + heads + correction_rank, heads * rank + correction_rank
+    def __init__(self, slots: int, rank: int, heads: int, correction_rank: int, correction_heads: int, d_in: int,
+                 d_out: int, device: torch.device, reads_dtype: torch.dtype, writes_dtype: torch.dtype):
+        if (correction_rank > 0) != (correction_heads > 0):
+            raise ValueError(f"a correction has a rank and heads, got rank {correction_rank}, {correction_heads} heads")
+        self.rank, self.heads, self.correction_rank, self.correction_heads = rank, heads, correction_rank, correction_heads
+        k = rank + heads + correction_rank + correction_heads
+        w = heads * rank + correction_heads * correction_rank
         self.reads = torch.zeros(slots, k, d_in, dtype=reads_dtype, device=device)
         self.writes = torch.zeros(slots, w, d_out, dtype=writes_dtype, device=device)
+        # An empty slot: one head of weight 1 reading zeros, the same for the correction.
         self.bias = torch.full((slots, heads), float("-inf"), device=device)
-        self.bias[:, 0] = 0.0  # an empty slot: one head of weight 1 reading zeros
+        self.bias[:, 0] = 0.0
+        self.bias0 = torch.full((slots, correction_heads), float("-inf"), device=device)
+        self.bias0[:, :1] = 0.0
         # Slot 0 alone (every adapted row on it), as views made once: a forward reads them as they are.
-        self.first_reads, self.first_writes, self.first_bias = self.reads[0], self.writes[0], self.bias[0]
+        self.first_reads, self.first_writes = self.reads[0], self.writes[0]
+        self.first_bias, self.first_bias0 = self.bias[0], self.bias0[0]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.reads, self.writes, self.bias))
+        return sum(t.numel() * t.element_size() for t in (self.reads, self.writes, self.bias, self.bias0))
 
 
 class MultiAdapterLinear(nn.Module):
@@ -88,22 +101,27 @@ class MultiAdapterLinear(nn.Module):
         x3 = x.reshape(batch, -1, x.shape[-1])
         if not torch.is_autocast_enabled(x.device.type):
             x3 = x3.to(table.reads.dtype)
-        r, nh = table.rank, table.heads
+        r, nh, r0 = table.rank, table.heads, table.correction_rank
         k = table.reads.shape[1]
         if used == 1:  # every adapted row on slot 0: plain matmuls
             z = torch.nn.functional.linear(x3, table.first_reads)  # (B, T, K)
-            bias = table.first_bias
+            bias, bias0 = table.first_bias, table.first_bias0
         else:
             z_all = torch.nn.functional.linear(x3, table.reads[:used].reshape(used * k, -1))  # (B, T, S'*K)
             index = context.row_slots.view(batch, 1, 1, 1).expand(batch, z_all.shape[1], 1, k)
             z = z_all.view(batch, -1, used, k).gather(2, index).squeeze(2)
             bias = table.bias.index_select(0, context.row_slots).unsqueeze(1)  # (B, 1, NH)
+            bias0 = table.bias0.index_select(0, context.row_slots).unsqueeze(1)  # (B, 1, NH0)
         h = z[..., :r]
         weights = torch.softmax(z[..., r : r + nh].float() + bias, dim=-1)
         if context.routing is not None:
             self._record(weights)
         heads = h.unsqueeze(-2) * weights.to(h.dtype).unsqueeze(-1)  # (B, T, NH, R)
-        stacked = torch.cat([heads.flatten(-2), z[..., r + nh :]], dim=-1)
+        parts = [heads.flatten(-2)]
+        if r0:  # the correction's heads, weighed by the initial router (float32, as RLoRALinear)
+            weights0 = torch.softmax(z[..., r + nh + r0 :].float() + bias0, dim=-1)
+            parts.append((z[..., r + nh : r + nh + r0].float().unsqueeze(-2) * weights0.unsqueeze(-1)).flatten(-2).to(h.dtype))
+        stacked = torch.cat(parts, dim=-1)
         # Rows without an adapter add exactly zero; then the sum is added inside the matmul
         # (addmm), as RLoRALinear does: one rounding in bfloat16, so serving reproduces eval.
         if context.row_on is not None:  # a where, not a product: 0 * inf would be NaN

@@ -68,13 +68,15 @@ class AdapterSlots:
 
     def _table_for(self, layer: MultiAdapterLinear, packed: PackedLayer) -> LayerTable:
         table = layer.table
-        rank, heads, r0 = packed.rank, packed.heads, packed.correction_rank
-        if table is not None and table.rank >= rank and table.heads >= heads and table.correction_rank >= r0:
+        rank, heads, r0, n0 = packed.rank, packed.heads, packed.correction_rank, packed.correction_heads
+        if (table is not None and table.rank >= rank and table.heads >= heads and table.correction_rank >= r0
+                and table.correction_heads >= n0):
             return table
         d_out, d_in = layer.base_layer.weight.shape
         grown = LayerTable(
             self.capacity,
-            max(rank, table.rank if table else 0), max(heads, table.heads if table else 0), max(r0, table.correction_rank if table else 0),
+            max(rank, table.rank if table else 0), max(heads, table.heads if table else 0),
+            max(r0, table.correction_rank if table else 0), max(n0, table.correction_heads if table else 0),
             d_in, d_out, self.device, reads_dtype=table.reads.dtype if table else packed.reads.dtype, writes_dtype=self.dtype,
         )
         if table is not None:  # the adapters already in: re-padded to the new shape
@@ -92,21 +94,32 @@ def _clear(table: LayerTable, slot: int) -> None:
     table.writes[slot].zero_()
     table.bias[slot].fill_(float("-inf"))
     table.bias[slot, 0] = 0.0
+    table.bias0[slot].fill_(float("-inf"))
+    table.bias0[slot, :1] = 0.0
 
 
 def _copy_in(table: LayerTable, slot: int, packed: PackedLayer) -> None:
-    """``packed`` into ``slot``, zero-padded to the table: reads rows [A | router | A0] at
-    [0, R) | [R, R+NH) | [R+NH, ...), writes columns per head at i*R, the correction at NH*R."""
-    R, NH = table.rank, table.heads
+    """``packed`` into ``slot``, zero-padded to the table: reads rows [A | router | A0 | router0]
+    at [0, R) | [R, R+NH) | [R+NH, R+NH+R0) | [R+NH+R0, ...), writes columns per head at i*R,
+    the correction's heads at NH*R + j*R0."""
+    R, NH, R0 = table.rank, table.heads, table.correction_rank
     r, n, nr, r0 = packed.rank, packed.heads, packed.router_rows, packed.correction_rank
+    n0, nr0 = packed.correction_heads, packed.correction_router_rows
     if not packed.has_router and n != 1:  # the table weighs heads by a softmax: 1 without a router
         raise ValueError(f"a layer without a router has one head, not {n}")
+    if not packed.correction_routed and n0 > 1:
+        raise ValueError(f"a correction without an initial router has one head, not {n0}")
     reads, writes = table.reads[slot], table.writes[slot]
     reads[:r] = packed.reads[:r]
     reads[R : R + nr] = packed.reads[r : r + nr]
-    reads[R + NH : R + NH + r0] = packed.reads[r + nr :]
+    reads[R + NH : R + NH + r0] = packed.reads[r + nr : r + nr + r0]
+    reads[R + NH + R0 : R + NH + R0 + nr0] = packed.reads[r + nr + r0 :]
     for i in range(n):
         writes[i * R : i * R + r] = packed.writes[:, i * r : (i + 1) * r].T
-    writes[NH * R : NH * R + r0] = packed.writes[:, n * r :].T
+    for j in range(n0):
+        start = n * r + j * r0
+        writes[NH * R + j * R0 : NH * R + j * R0 + r0] = packed.writes[:, start : start + r0].T
     table.bias[slot].fill_(float("-inf"))
     table.bias[slot, :n] = 0.0
+    table.bias0[slot].fill_(float("-inf"))
+    table.bias0[slot, : max(n0, 1)] = 0.0

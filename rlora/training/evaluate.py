@@ -69,6 +69,20 @@ def eval_batches(tokenizer, sources: list[MixtureSource], settings: TrainingSett
     """The evaluated examples of every task as padded batches on ``device`` (what the
     routing summary of a finished run is measured on)."""
     examples = [example for source in sources for example in _validation(source, settings)]
+    return _batches(tokenizer, examples, settings, device)
+
+
+def eval_batches_by_task(tokenizer, sources: list[MixtureSource], settings: TrainingSettings, device) -> dict[str, list[dict]]:
+    """`eval_batches` grouped by task: a record's own ``task`` label, else its mixture entry's
+    (what the routing-by-task table of a finished run is measured on)."""
+    grouped: dict[str, list[Example]] = {}
+    for source in sources:
+        for example in _validation(source, settings):
+            grouped.setdefault(example.task or source.task, []).append(example)
+    return {task: _batches(tokenizer, examples, settings, device) for task, examples in grouped.items()}
+
+
+def _batches(tokenizer, examples: list[Example], settings: TrainingSettings, device) -> list[dict]:
     _, features, _ = _encodable(tokenizer, examples, settings)
     collate = Collator(tokenizer.pad_token_id)
     return [

@@ -28,7 +28,16 @@ from typing import Callable
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from ..adapter import attach, head_similarity, routing_summary, save, trainable_parameters
+from ..adapter import (
+    attach,
+    head_similarity,
+    initial_heads,
+    routing_by_task,
+    routing_summary,
+    save,
+    trainable_parameters,
+    update_similarity,
+)
 from ..basemodels import load_base_model, resolve_base_model
 from ..data import (
     IGNORE_INDEX,
@@ -52,7 +61,7 @@ from .checkpoint import (
     write_atomically,
 )
 from .config import TrainConfig, TrainingSettings
-from .evaluate import eval_batches, evaluate, token_loss_sum
+from .evaluate import eval_batches, eval_batches_by_task, evaluate, token_loss_sum
 from .limits import context_problem
 
 ProgressCallback = Callable[["Progress"], None]
@@ -114,6 +123,7 @@ def train(
     if too_long is not None:
         raise ValueError(f"{too_long.field}: {too_long.message}")
     attach(model, config.adapter_config)
+    start_heads = initial_heads(model)  # B(0), before a resumed run restores trained heads
     model.to(device)
     if settings.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
@@ -177,8 +187,12 @@ def train(
             loss.backward()
             step_loss += loss.item()
             window_tokens += int(batch["attention_mask"].sum())
+        # The adapter's gradient norm (before clipping) is recorded with the loss: whether the
+        # router and heads still learn late in a run shows in it.
         if settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         learning_rate = state.scheduler.get_last_lr()[0]
         optimizer.step()
         state.scheduler.step()
@@ -187,7 +201,7 @@ def train(
         state.step += 1
         state.tokens_seen += window_tokens
         state.train_seconds += time.perf_counter() - step_start
-        state.train_loss.append({"step": state.step, "loss": round(step_loss, 6)})
+        state.train_loss.append({"step": state.step, "loss": round(step_loss, 6), "grad_norm": round(float(grad_norm), 6)})
         if state.step % settings.checkpoint_every == 0 or state.step == total_steps:
             path = save_checkpoint(output_dir, state, run_id)
             emit("checkpoint", {"step": state.step, "path": str(path)})
@@ -212,17 +226,19 @@ def train(
         evaluation = evaluate(model, tokenizer, sources, settings, device, check_stop=lambda: check_stop(" while evaluating"))
         emit("eval", {"step": state.step, "tasks": evaluation})
         check_stop(" after evaluating")
-        routing = (
-            routing_summary(model, eval_batches(tokenizer, sources, settings, device))
-            if config.adapter_config.has_router else None
-        )
+        routing = None
+        if config.adapter_config.has_router:
+            routing = routing_summary(model, eval_batches(tokenizer, sources, settings, device))
+            by_task = eval_batches_by_task(tokenizer, sources, settings, device)
+            # For a mixture with task labels: does routing separate the tasks?
+            routing["by_task"] = routing_by_task(model, by_task) if len(by_task) > 1 else None
     metrics = {
         "run": run_id,
         "base_model": config.base_model,
         "steps": state.step,
         "train_loss": state.train_loss,
         "eval": evaluation,
-        "head_similarity": head_similarity(model),
+        "head_similarity": {**head_similarity(model), "learned_update": update_similarity(model, start_heads)},
         "routing": routing,
         "tokens_per_second": state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
         "trained_tokens": state.tokens_seen,
