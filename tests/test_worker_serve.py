@@ -8,8 +8,7 @@ import signal
 import subprocess
 
 import httpx
-from conftest_service import REPO, dataset, free_port, job_body, rlora_command, service_env, stop_process, wait_for
-from test_service_e2e import create_key
+from conftest_service import REPO, cli_tenant_key, dataset, free_port, job_body, rlora_command, service_env, stop_process, wait_for
 
 
 def start_serve(home, port: int, log_path) -> subprocess.Popen:
@@ -35,7 +34,7 @@ def test_stopping_serve_gives_the_running_job_back_and_the_next_start_finishes_i
     shutil.copytree(tiny_model_path, home / "models" / "tiny")
     serve = start_serve(home, port, log_path)
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {create_key(home, 'a')}"}, timeout=30)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {cli_tenant_key(home, 'a')}"}, timeout=30)
         file_id = client.post("/v1/files", files={"file": ("add.jsonl", dataset(40))}).json()["id"]
         job_id = client.post("/v1/jobs", json=job_body(file_id, max_steps=40, checkpoint_every=2)).json()["id"]
         wait_for(lambda: (client.get(f"/v1/jobs/{job_id}").json()["progress"] or {}).get("step", 0) >= 3, 180, 0.05, "training")
