@@ -199,6 +199,8 @@ class WorkerMetrics:
         self.training_steps = Counter("rlora_training_steps", "optimiser steps trained", ["device_class"], registry=self.registry)
         self.running = Gauge("rlora_worker_running_jobs", "jobs this worker is running (0 or 1)", registry=self.registry)
         self.heartbeats = Counter("rlora_worker_heartbeats", "heartbeats of the running job, by result (ok, failed)", ["result"], registry=self.registry)
+        for result in ("ok", "failed"):  # both series from the start: a rate over a missing series is no alert
+            self.heartbeats.labels(result)
         self.last_heartbeat = Gauge(
             "rlora_worker_last_heartbeat_timestamp_seconds", "Unix time of the running job's last heartbeat written", registry=self.registry,
         )

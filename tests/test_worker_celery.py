@@ -71,7 +71,8 @@ def test_a_job_trains_to_success(worker_env, worker):
 
 def test_a_worker_serves_its_metrics_and_logs_json_lines_naming_the_job(worker_env):
     port = free_port()
-    process = worker_env.start_worker(worker_metrics_port=port, log_format="json")
+    # Heartbeats every 0.05 s: the short job surely beats before it ends.
+    process = worker_env.start_worker(worker_metrics_port=port, log_format="json", heartbeat_interval=0.05)
     log_path = worker_env.log_dir / f"worker-{len(worker_env.processes) - 1}.log"
     try:
         job_id = worker_env.submit(max_steps=3)
@@ -83,7 +84,8 @@ def test_a_worker_serves_its_metrics_and_logs_json_lines_naming_the_job(worker_e
     metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert metrics[("rlora_job_duration_seconds_count", (("device_class", "cpu"), ("outcome", "succeeded")))] == 1
     assert metrics[("rlora_training_steps_total", (("device_class", "cpu"),))] == 3
-    assert metrics[("rlora_worker_heartbeats_total", (("result", "ok"),))] >= 1  # a beat every 0.5 s
+    assert metrics[("rlora_worker_heartbeats_total", (("result", "ok"),))] >= 1
+    assert metrics[("rlora_worker_heartbeats_total", (("result", "failed"),))] == 0
     assert metrics[("rlora_worker_running_jobs", ())] == 0 and ("process_resident_memory_bytes", ()) in metrics
     # Every line of the worker's output is one JSON event (no banner, no progress bars); the
     # job's events name it, its tenant and the attempt.

@@ -30,9 +30,12 @@ class ApiError(Exception):
     @classmethod
     def of(cls, response: httpx.Response) -> "ApiError":
         try:
-            error = response.json()["error"]
-            return cls(response.status_code, error.get("code", ""), error["message"], error.get("field"))
-        except (ValueError, KeyError, TypeError):  # not the service's shape: a proxy, another server
+            body = response.json()
+            error = body["error"]
+            if isinstance(error, str):  # the TGI routes answer in TGI's shape: {"error", "error_type", ...}
+                return cls(response.status_code, body.get("code") or body.get("error_type", ""), error, body.get("field"))
+            return cls(response.status_code, error.get("code") or "", error["message"], error.get("field"))
+        except (ValueError, KeyError, TypeError, AttributeError):  # not the service's shape: a proxy, another server
             text = response.text.strip()[:200] or response.reason_phrase
             return cls(response.status_code, "http_error", f"HTTP {response.status_code}: {text}")
 
