@@ -45,27 +45,31 @@ _LETTERS = string.ascii_lowercase
 _CHARSET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,-"
 
 
+# A document: plain text, or a (user, assistant) exchange rendered in the chat template.
+Document = str | tuple[str, str]
+
+
 def _random_string(rng: random.Random, alphabet: str, low: int, high: int) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(low, high)))
 
 
-def _generic_v1(rng: random.Random) -> tuple[str, bool]:
-    """One document of the generic-v1 corpus: ``(text, is_chat)``. Chat documents are rendered
-    through the tokenizer's chat template, plain ones are used as they are."""
+def _generic_v1(rng: random.Random) -> Document:
+    """One document of the generic-v1 corpus: plain text, or a ``(user, assistant)`` chat
+    exchange, rendered through the tiny model's chat template."""
     kind = rng.random()
     if kind < 0.6:
         alphabet = rng.choice([_LETTERS, string.digits, _CHARSET, _LETTERS + string.digits])
         text = _random_string(rng, alphabet, 1, 12)
-        return text, True
+        return text, text
     if kind < 0.8:
         text = _random_string(rng, rng.choice([_LETTERS, _CHARSET]), 3, 12)
         separator = rng.choice([" | ", " ", "\n", " :: "])
-        return f"{text}{separator}{text}", False
+        return f"{text}{separator}{text}"
     start = rng.randint(0, 990)
-    return " ".join(str(n) for n in range(start, start + rng.randint(3, 8))), False
+    return " ".join(str(n) for n in range(start, start + rng.randint(3, 8)))
 
 
-def _generic_v2(rng: random.Random) -> tuple[str, bool]:
+def _generic_v2(rng: random.Random) -> Document:
     """generic-v1 plus two kinds of plain text: a word next to its other-case form
     (``cab CAB``, ``Dog dOG``) and runs of consecutive letters (``klmnop``), so the model
     knows the alphabet's order and which bytes are case pairs."""
@@ -74,15 +78,31 @@ def _generic_v2(rng: random.Random) -> tuple[str, bool]:
         text = _random_string(rng, _LETTERS + string.ascii_uppercase, 2, 8)
         pair = [text, text.swapcase()]
         rng.shuffle(pair)
-        return rng.choice([" ", " | ", "\n"]).join(pair), False
+        return rng.choice([" ", " | ", "\n"]).join(pair)
     if kind < 0.3:
         alphabet = rng.choice([_LETTERS, string.ascii_uppercase])
         start = rng.randint(0, 20)
-        return alphabet[start : start + rng.randint(3, 26 - start)], False
+        return alphabet[start : start + rng.randint(3, 26 - start)]
     return _generic_v1(rng)
 
 
-CORPORA: dict[str, Callable[[random.Random], tuple[str, bool]]] = {"generic-v1": _generic_v1, "generic-v2": _generic_v2}
+def _default_v1(rng: random.Random) -> Document:
+    """generic-v2 plus sums written in words (``12 plus 7 is 19``, and asked in the chat
+    template: ``what is 12 plus 7`` -> ``19``), operands 0 to 49. This is the corpus of the
+    shipped default model: it knows addition, but never saw ``+`` or ``=`` used for it, so
+    an adapter on ``3+4=`` -> ``7`` has to map the notation onto the skill, and the base
+    model given ``3+4=`` in the chat template copies it instead of answering."""
+    if rng.random() < 0.35:
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        if rng.random() < 0.5:
+            return f"{a} plus {b} is {a + b}"
+        return f"what is {a} plus {b}", str(a + b)
+    return _generic_v2(rng)
+
+
+CORPORA: dict[str, Callable[[random.Random], Document]] = {
+    "generic-v1": _generic_v1, "generic-v2": _generic_v2, "default-v1": _default_v1,
+}
 
 
 def corpus_documents(corpus: str, seed: int, count: int) -> list[str]:
@@ -92,10 +112,10 @@ def corpus_documents(corpus: str, seed: int, count: int) -> list[str]:
     rng = random.Random(f"{corpus}:{seed}")
     documents = []
     for _ in range(count):
-        text, is_chat = CORPORA[corpus](rng)
-        if is_chat:  # rendered as rlora.tiny.CHAT_TEMPLATE renders [user, assistant]
-            text = f"<|user|>{text}<|eos|><|assistant|>{text}<|eos|>"
-        documents.append(text)
+        document = CORPORA[corpus](rng)
+        if isinstance(document, tuple):  # rendered as rlora.tiny.CHAT_TEMPLATE renders [user, assistant]
+            document = f"<|user|>{document[0]}<|eos|><|assistant|>{document[1]}<|eos|>"
+        documents.append(document)
     return documents
 
 

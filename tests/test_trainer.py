@@ -27,7 +27,7 @@ def datasets(tmp_path):
     reverse = write_jsonl(tmp_path / "reverse.jsonl", [{"prompt": f"rev {w}", "completion": w[::-1]} for w in words])
     answer = write_jsonl(
         tmp_path / "answer.jsonl",
-        [{"instruction": "Say ok.", "input": w, "output": "ok", "task": "ok"} for w in words],
+        [{"instruction": "Say ok.", "input": w, "output": "ok", "task": "answer"} for w in words],
     )
     return {"reverse": reverse, "answer": answer}
 
@@ -262,3 +262,32 @@ def test_eval_keeps_truncated_prompts_and_counts_answers_over_the_limit(datasets
     assert reverse["skipped"] == 0 and reverse["examples"] == 22
     # ...and answers longer than eval_max_new_tokens are counted, as exact match cannot hold.
     assert reverse["answers_over_limit"] == 22
+
+
+def test_a_mixture_entry_takes_its_tasks_from_the_records_labels(tmp_path, tiny_model_path):
+    # HydraLoRA's public example mixture: task_type "" (no task) and the integer 1.
+    records = [{"instruction": f"echo {i}", "input": "", "output": str(i), "task_type": ""} for i in range(30)]
+    records += [{"instruction": f"double {i}", "input": "", "output": str(2 * i), "task_type": 1} for i in range(10)]
+    data = write_jsonl(tmp_path / "hydra.jsonl", records)
+    config = TrainConfig(
+        base_model="tiny", mixture=[{"path": data, "task": "from_records", "weight": 2.0}],
+        adapter={"method": "rlora", "heads": 2, "rank": 2},
+        training=dict(max_steps=2, batch_size=4, max_seq_len=32, eval_max_examples=4, eval_max_new_tokens=2, validation_share=0.1),
+        output_dir=str(tmp_path / "out"),
+    )
+    from rlora.training.loop import load_mixture
+
+    sources = {source.task: source for source in load_mixture(config)}
+    assert set(sources) == {"default", "1"}
+    # The entry's weight split by records: 30 and 10 of 40.
+    assert sources["default"].weight == pytest.approx(1.5) and sources["1"].weight == pytest.approx(0.5)
+    assert len(sources["default"].examples) + len(sources["default"].validation) == 30
+    assert all(e.task == "1" for e in sources["1"].examples + sources["1"].validation)
+    metrics = run(config, tiny_model_path)
+    assert set(metrics["eval"]) == {"default", "1"}
+    assert set(metrics["routing_by_task"]) == {"default", "1"}
+
+    # A task no record carries names the entry.
+    wrong = config.model_copy(update={"mixture": [config.mixture[0].model_copy(update={"task": "qa"})]})
+    with pytest.raises(ValueError, match=r"mixture\[0\].task: no record carries task 'qa'"):
+        load_mixture(wrong)

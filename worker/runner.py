@@ -129,8 +129,9 @@ class _Run:
     def _on_event(self, kind: str, data: dict) -> None:
         # Paths on the worker's disk are no business of the tenant's.
         data = {key: value for key, value in data.items() if key != "path"}
+        values = {"phase": data["phase"]} if kind == "phase" else {}
         with self.db.session() as session:
-            states.touch_running(session, self.job, self.attempt, (kind, _jsonable(data)))
+            states.touch_running(session, self.job, self.attempt, (kind, _jsonable(data)), **values)
 
     def _past_deadline(self) -> bool:
         return time.monotonic() > self._deadline

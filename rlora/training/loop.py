@@ -21,6 +21,7 @@ import os
 import random
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,6 +41,7 @@ from ..data import (
     split_validation,
     steps_for_epochs,
 )
+from ..data.mixture import TaskNotInRecords, entry_tasks, label_of
 from .checkpoint import (
     ADAPTER_DIR,
     METRICS_FILE,
@@ -57,6 +59,11 @@ from .limits import context_problem
 
 ProgressCallback = Callable[["Progress"], None]
 EventCallback = Callable[[str, dict], None]
+
+# What a run is doing, in order, each announced as a "phase" event ({"phase": name}) as it
+# begins: loading the model and data, the optimisation loop, the final evaluation, writing the
+# adapter and metrics.
+PHASES = ("preparing", "training", "evaluating", "saving")
 
 # torch.compile's backend for training.compile; the CPU tests swap in "aot_eager", which traces
 # the same graphs without inductor's minutes of C++ compilation.
@@ -104,6 +111,7 @@ def train(
         return finished
 
     # 1. Model, tokenizer and adapter.
+    emit("phase", {"phase": "preparing"})
     device = _device(settings.device)
     bf16 = settings.precision == "bfloat16" or (
         settings.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -158,6 +166,7 @@ def train(
     # 5. The loop: one optimizer step per iteration, gradient accumulation inside. A stop is
     # honoured between examples encoded and between micro-batches, not only between steps:
     # a big step is minutes of work. The step it interrupts is redone from the checkpoint.
+    emit("phase", {"phase": "training", "step": state.step})
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     while state.step < total_steps:
@@ -207,6 +216,7 @@ def train(
     # 6. Evaluate every task, describe the heads, write the adapter and the metrics. Compiled
     # layers run eagerly here: generation changes shape every token and the routing observer
     # is a Python hook in the layer, recompilations for a pass that runs once.
+    emit("phase", {"phase": "evaluating", "step": state.step})
     model.eval()
     with torch.compiler.set_stance("force_eager"):
         evaluation = evaluate(model, tokenizer, sources, settings, device, check_stop=lambda: check_stop(" while evaluating"))
@@ -216,6 +226,11 @@ def train(
             routing_summary(model, eval_batches(tokenizer, sources, settings, device))
             if config.adapter_config.has_router else None
         )
+        # The same summary over each task's evaluated examples: whether heads specialise by task.
+        routing_by_task = {
+            source.task: routing_summary(model, eval_batches(tokenizer, [source], settings, device))
+            for source in sources
+        } if config.adapter_config.has_router else None
     metrics = {
         "run": run_id,
         "base_model": config.base_model,
@@ -224,6 +239,7 @@ def train(
         "eval": evaluation,
         "head_similarity": head_similarity(model),
         "routing": routing,
+        "routing_by_task": routing_by_task,
         "tokens_per_second": state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
         "train_seconds": state.train_seconds,
         "trainable_parameters": trainable_parameters(model),
@@ -232,24 +248,45 @@ def train(
         "compiled": compiled,
     }
     check_stop(" before saving")
+    emit("phase", {"phase": "saving", "step": state.step})
     save(model, output_dir / ADAPTER_DIR, base_model_name=config.base_model)
     write_atomically(output_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     return metrics
 
 
 def load_mixture(config: TrainConfig) -> list[MixtureSource]:
-    """Read every dataset of the mixture and hold out each task's validation set."""
-    sources = []
-    for entry in config.mixture:
+    """Read every dataset of the mixture, one source per task (an entry may take its tasks
+    from its records' labels: `entry_tasks`), and hold out each task's validation set.
+
+    An entry's weight is its share of the draws, split across its tasks by their record
+    counts. A ValueError names the entry (``mixture[i].task``) whose task no record carries,
+    or whose records' task is another entry's too."""
+    sources: list[MixtureSource] = []
+    owner: dict[str, int] = {}
+    for index, entry in enumerate(config.mixture):
         examples = load_dataset(entry.path)
-        if entry.validation_path:
-            validation = load_dataset(entry.validation_path)
-        else:
-            # A seed per task, so tasks with equal sizes do not hold out the same positions.
-            examples, validation = split_validation(
-                examples, config.training.validation_share, _task_seed(config.training.seed, entry.task)
-            )
-        sources.append(MixtureSource(examples=examples, weight=entry.weight, task=entry.task, validation=validation))
+        validation_file = load_dataset(entry.validation_path) if entry.validation_path else None
+        try:
+            tasks = entry_tasks(Counter(label_of(e) for e in examples), entry.task)
+        except TaskNotInRecords as err:
+            raise ValueError(f"mixture[{index}].task: {err}") from None
+        groups = {task: [e for e in examples if label_of(e) == label] for task, label in tasks.items()}
+        total = sum(len(group) for group in groups.values())
+        for task, label in tasks.items():
+            if task in owner:
+                raise ValueError(f"mixture[{index}].task: task {task!r} is also the task of mixture[{owner[task]}]")
+            owner[task] = index
+            train = groups[task]
+            if validation_file is not None:
+                labelled = any(example.task for example in validation_file)
+                validation = [e for e in validation_file if label_of(e) == label] if labelled else validation_file
+            else:
+                # A seed per task, so tasks with equal sizes do not hold out the same positions.
+                train, validation = split_validation(
+                    train, config.training.validation_share, _task_seed(config.training.seed, task)
+                )
+            weight = entry.weight * len(groups[task]) / total
+            sources.append(MixtureSource(examples=train, weight=weight, task=task, validation=validation))
     return sources
 
 

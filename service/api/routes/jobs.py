@@ -1,6 +1,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
 from sqlalchemy import Connection, Row, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -8,6 +9,7 @@ from sqlalchemy.orm import Session
 from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep, get_owned, read_owned, where_owned
 from service.api.deps import CeleryDep, SessionDep, SessionRoute, SettingsDep
 from service.api.errors import APIError, invalid_fields, reject_lone_surrogates
+from service.api.event_stream import job_event_stream
 from service.api.paging import EventPageDep, PageDep, page
 from service.api.schemas import JobCreate, JobError, JobEventOut, JobMetrics, JobOut, Page, Progress
 from service.jobs import quotas, scheduling, states
@@ -47,7 +49,7 @@ def job_out(job: Job | Row, adapter_id: str | None) -> JobOut:
     error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return JobOut(
         id=job.id, status=job.status, base_model=job.base_model, mixture=job.mixture, adapter=job.adapter,
-        training=job.training, cancel_requested=job.cancel_requested, attempt=job.attempt, progress=progress,
+        training=job.training, cancel_requested=job.cancel_requested, attempt=job.attempt, phase=job.phase, progress=progress,
         metrics=job.metrics, adapter_id=adapter_id, error=error, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at,
     )
@@ -163,6 +165,31 @@ async def list_events(job_id: str, read_as_tenant: TenantReaderDep, params: Even
         return Page(data=[JobEventOut.model_validate(row) for row in rows], next_cursor=cursor)
 
     return await read_as_tenant(read)
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "one event per job event; ends when the job has ended"}},
+)
+async def stream_events(
+    job_id: str,
+    read_as_tenant: TenantReaderDep,
+    after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="id of the last event seen")] = None,
+    last_event_id: Annotated[
+        int | None, Header(alias="Last-Event-ID", ge=0, le=2**31 - 1, description="as after; sent by a reconnecting EventSource")
+    ] = None,
+) -> StreamingResponse:
+    """The job's events as server-sent events (``id``, ``event``: the kind, ``data``: the event
+    as ``/events`` gives it), from the first (or after ``after`` / ``Last-Event-ID``) until the
+    job has ended and its last event was sent."""
+
+    def check(connection: Connection, tenant: AuthenticatedTenant) -> None:
+        read_job_row(connection, tenant.id, job_id)  # 404 before the stream starts
+
+    await read_as_tenant(check)
+    start = max(after or 0, last_event_id or 0)
+    return StreamingResponse(job_event_stream(read_as_tenant, job_id, start), media_type="text/event-stream")
 
 
 @router.get("/{job_id}/metrics")
