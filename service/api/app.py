@@ -14,7 +14,7 @@ from starlette.types import ASGIApp
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.errors import install_error_handlers
 from service.api.inference import close_engine
-from service.api.routes import adapters, admin, files, generate, health, jobs, keys, models, usage
+from service.api.routes import adapters, admin, dashboard, files, generate, health, jobs, keys, models, usage
 from service.api.schemas import error_responses
 from service.api.security_headers import SecurityHeadersMiddleware
 from service.api.staging import sweep_staging
@@ -79,6 +79,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     ):
         # The error statuses each route may answer with, in the one shape (not FastAPI's).
         app.include_router(module.router, responses=error_responses(*statuses))
+    app.include_router(dashboard.router)
+    app.mount(f"{dashboard.PREFIX}/static", dashboard.static_files, name="dashboard-static")
     if settings.admin_token:
         app.include_router(admin.router, responses=error_responses(401, 404, 408, 409, 413, 415, 422, 503))
     return app

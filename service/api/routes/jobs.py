@@ -1,12 +1,16 @@
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi import Path as PathParam
+from starlette.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Connection, Row, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.api.auth import AuthenticatedTenant, TenantDep, TenantReaderDep, get_owned, read_owned, where_owned
+from service.api import plots
+from service.api.auth import AuthenticatedTenant, TenantDep, TenantReader, TenantReaderDep, get_owned, read_owned, where_owned
 from service.api.deps import CeleryDep, SessionDep, SessionRoute, SettingsDep
 from service.api.errors import APIError, invalid_fields, reject_lone_surrogates
 from service.api.event_stream import job_event_stream
@@ -24,10 +28,10 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 # A job's columns and its adapter's id (None until it succeeds): what JobOut shows.
-_JOB_ROWS = select(Job.__table__, Adapter.__table__.c.id.label("adapter_id")).outerjoin(
+JOB_ROWS = select(Job.__table__, Adapter.__table__.c.id.label("adapter_id")).outerjoin(
     Adapter.__table__, Adapter.__table__.c.job_id == Job.__table__.c.id
 )
-_OWNED_JOB_ROWS = where_owned(_JOB_ROWS, Job.__table__)
+_OWNED_JOB_ROWS = where_owned(JOB_ROWS, Job.__table__)
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
@@ -35,7 +39,7 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
 
 
 def read_job_row(connection: Connection | Session, tenant_id: str, job_id: str) -> Row:
-    """The tenant's job as a row of ``_JOB_ROWS``."""
+    """The tenant's job as a row of ``JOB_ROWS``."""
     return read_owned(connection, _OWNED_JOB_ROWS, tenant_id, job_id, "job")
 
 
@@ -127,7 +131,7 @@ async def list_jobs(
     status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
 ) -> Page[JobOut]:
     def read(connection: Connection, tenant: AuthenticatedTenant) -> Page[JobOut]:
-        query = _JOB_ROWS.where(Job.tenant_id == tenant.id)
+        query = JOB_ROWS.where(Job.tenant_id == tenant.id)
         if status is not None:
             query = query.where(Job.status == status)
         rows, cursor = page(connection, query, Job.id, params)
@@ -192,19 +196,75 @@ async def stream_events(
     return StreamingResponse(job_event_stream(read_as_tenant, job_id, start), media_type="text/event-stream")
 
 
+def read_job_metrics(connection: Connection, tenant_id: str, job_id: str) -> JobMetrics:
+    """The tenant's job's loss curve and final metrics (the curve so far while it runs)."""
+    job = read_job_row(connection, tenant_id, job_id)
+    if job.metrics is not None:
+        return JobMetrics(job_id=job.id, status=job.status, final=True, train_loss=job.metrics.get("train_loss", []), metrics=job.metrics)
+    # Until the job has its final metrics, the curve is what progress events recorded.
+    events = connection.execute(
+        select(JobEvent.data)
+        .where(JobEvent.tenant_id == tenant_id, JobEvent.job_id == job.id, JobEvent.kind == "progress")
+        .order_by(JobEvent.id)
+    )
+    curve = [{"step": data["step"], "loss": data["loss"]} for (data,) in events if data.get("loss") is not None]
+    return JobMetrics(job_id=job.id, status=job.status, final=False, train_loss=curve, metrics=None)
+
+
 @router.get("/{job_id}/metrics")
 async def job_metrics(job_id: str, read_as_tenant: TenantReaderDep) -> JobMetrics:
-    def read(connection: Connection, tenant: AuthenticatedTenant) -> JobMetrics:
-        job = read_job_row(connection, tenant.id, job_id)
-        if job.metrics is not None:
-            return JobMetrics(job_id=job.id, status=job.status, final=True, train_loss=job.metrics.get("train_loss", []), metrics=job.metrics)
-        # Until the job has its final metrics, the curve is what progress events recorded.
-        events = connection.execute(
-            select(JobEvent.data)
-            .where(JobEvent.tenant_id == tenant.id, JobEvent.job_id == job.id, JobEvent.kind == "progress")
-            .order_by(JobEvent.id)
-        )
-        curve = [{"step": data["step"], "loss": data["loss"]} for (data,) in events if data.get("loss") is not None]
-        return JobMetrics(job_id=job.id, status=job.status, final=False, train_loss=curve, metrics=None)
+    return await read_as_tenant(lambda connection, tenant: read_job_metrics(connection, tenant.id, job_id))
 
-    return await read_as_tenant(read)
+
+def _picture_data(job_id: str, plot: str):
+    """The read of what picture ``plot`` of the job draws (a 404 for another tenant's job)."""
+
+    def read(connection: Connection, tenant: AuthenticatedTenant) -> Any:
+        if plot == "head_similarity":
+            row = read_job_row(connection, tenant.id, job_id)
+            path = connection.execute(select(Adapter.path).where(Adapter.tenant_id == tenant.id, Adapter.job_id == row.id)).scalar()
+            if path is None:
+                raise plots.PlotUnavailable("the job has no adapter (yet)")
+            return Path(path)
+        return read_job_metrics(connection, tenant.id, job_id)
+
+    return read
+
+
+def _draw(plot: str, data: Any, fmt: str) -> bytes:
+    if plot == "loss":
+        return plots.loss_plot(data.train_loss, (data.metrics or {}).get("eval"), fmt)
+    if plot == "routing":
+        return plots.routing_plot(plots.routing_by_task(data.metrics), fmt)
+    return plots.head_similarity_plot(plots.head_similarity_matrices(data), fmt)
+
+
+async def job_picture(read_as_tenant: TenantReader, job_id: str, picture: str) -> Response:
+    """Picture ``picture`` (``<plot>.<png|svg>``) of the tenant's job, drawn in a thread after
+    its data was read; a 404 names the pictures, or says why this one cannot be drawn yet."""
+    plot, _, fmt = picture.rpartition(".")
+    if plot not in plots.PLOTS or fmt not in plots.FORMATS:
+        names = ", ".join(f"{p}.{f}" for p in plots.PLOTS for f in plots.FORMATS)
+        raise APIError(404, "not_found", f"no picture {picture!r}; the pictures are {names}")
+    try:
+        data = await read_as_tenant(_picture_data(job_id, plot))
+        image = await run_in_threadpool(_draw, plot, data, fmt)
+    except plots.PlotUnavailable as err:
+        raise APIError(404, "not_available", f"{plot} of job {job_id}: {err}") from None
+    return Response(image, media_type=plots.FORMATS[fmt])
+
+
+@router.get(
+    "/{job_id}/plots/{picture}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}, "description": "the picture"}},
+)
+async def job_plot(
+    job_id: str,
+    read_as_tenant: TenantReaderDep,
+    picture: Annotated[str, PathParam(description="loss, head_similarity or routing, then .png or .svg")],
+) -> Response:
+    """A picture of the job: ``loss`` (training loss by step, each task's eval loss), ``head_similarity``
+    (per adapted layer, the cosine similarity of each pair of heads; once the job has its adapter)
+    or ``routing`` (each task's mean head weights; once the job has finished)."""
+    return await job_picture(read_as_tenant, job_id, picture)
