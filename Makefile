@@ -1,7 +1,7 @@
 # `make run` and `make test` do all the set-up on a fresh machine (README.md).
 PYTHON ?= python3
 
-.PHONY: install run test services bench
+.PHONY: install run test services browser bench
 
 install:
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
@@ -14,7 +14,10 @@ run: install
 services:
 	./scripts/start-services
 
-test: install services
+browser:
+	./scripts/install-browser  # chromium + chromedriver for the dashboard's browser test; a no-op when present
+
+test: install services browser
 	$(PYTHON) -m pytest -q
 
 bench: install

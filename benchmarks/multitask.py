@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     cache = Path(args.cache_dir).expanduser()
-    base_path = build_tiny_model(cache / "tiny")
+    base_path = build_tiny_model(cache / "tiny", pretrained=False)  # the pretraining below starts from random weights
     if args.pretrain_steps:
         t0 = time.perf_counter()
         base_path = pretrain_tiny_model(base_path, cache, steps=args.pretrain_steps, seed=0,

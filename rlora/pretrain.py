@@ -246,3 +246,34 @@ def pretrain_tiny_model(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+# The recipe of the tiny model's shipped weights (rlora/weights/tiny.safetensors): the random
+# tiny model of seed 0, pretrained on the default-v1 corpus. scripts/build-tiny-weights runs it.
+DEFAULT_RECIPE = dict(steps=4000, seed=0, corpus="default-v1", batch_size=32, learning_rate=3e-3, max_len=64)
+
+
+def build_default_weights(work_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Make the tiny model's shipped weights: pretrain the random tiny model by
+    ``DEFAULT_RECIPE`` under ``work_dir`` (cached there) and write ``tiny.safetensors`` and
+    ``tiny.json`` (the recipe, the losses, the threads used) into ``out_dir``. Deterministic
+    for a given machine and thread count, as `pretrain_tiny_model` is."""
+    from .tiny import build_tiny_model
+
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    source = build_tiny_model(work_dir / "tiny-random", pretrained=False)
+    trained = pretrain_tiny_model(source, work_dir / "pretrained", **DEFAULT_RECIPE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = (trained / "model.safetensors").read_bytes()
+    write = {
+        "tiny.safetensors": weights,
+        "tiny.json": json.dumps({
+            **json.loads((trained / MARKER_FILE).read_text()), "source": "rlora.tiny random weights, seed 0",
+            "sha256": hashlib.sha256(weights).hexdigest(),
+        }, indent=2).encode(),
+    }
+    for name, data in write.items():
+        staging = out_dir / f".{name}.tmp"
+        staging.write_bytes(data)
+        os.replace(staging, out_dir / name)
+    return out_dir / "tiny.safetensors"
