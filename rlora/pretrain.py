@@ -87,14 +87,17 @@ def _generic_v2(rng: random.Random) -> Document:
 
 
 def _default_v1(rng: random.Random) -> Document:
-    """generic-v2 plus sums written in words (``12 plus 7 is 19``, and asked in the chat
-    template: ``what is 12 plus 7`` -> ``19``), operands 0 to 49. This is the corpus of the
-    shipped default model: it knows addition, but never saw ``+`` or ``=`` used for it, so
-    an adapter on ``3+4=`` -> ``7`` has to map the notation onto the skill, and the base
-    model given ``3+4=`` in the chat template copies it instead of answering."""
-    if rng.random() < 0.35:
+    """generic-v2 plus sums of operands 0 to 49 in plain text (``12+7=19``, ``12 plus 7 is
+    19``) and asked in words in the chat template (``what is 12 plus 7`` -> ``19``). The corpus
+    of the shipped tiny model: it knows addition, but never saw ``a+b=`` asked in the chat
+    template, where it copies the question back as its other chat documents do; an adapter
+    trained on ``{"prompt": "3+4=", "completion": "7"}`` teaches it to answer."""
+    kind = rng.random()
+    if kind < 0.4:
         a, b = rng.randint(0, 49), rng.randint(0, 49)
-        if rng.random() < 0.5:
+        if kind < 0.15:
+            return f"{a}+{b}={a + b}"
+        if kind < 0.25:
             return f"{a} plus {b} is {a + b}"
         return f"what is {a} plus {b}", str(a + b)
     return _generic_v2(rng)
@@ -250,7 +253,7 @@ def pretrain_tiny_model(
 
 # The recipe of the tiny model's shipped weights (rlora/weights/tiny.safetensors): the random
 # tiny model of seed 0, pretrained on the default-v1 corpus. scripts/build-tiny-weights runs it.
-DEFAULT_RECIPE = dict(steps=4000, seed=0, corpus="default-v1", batch_size=32, learning_rate=3e-3, max_len=64)
+DEFAULT_RECIPE = dict(steps=3000, seed=0, corpus="default-v1", batch_size=32, learning_rate=3e-3, max_len=64)
 
 
 def build_default_weights(work_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -261,7 +264,7 @@ def build_default_weights(work_dir: str | os.PathLike, out_dir: str | os.PathLik
     from .tiny import build_tiny_model
 
     work_dir, out_dir = Path(work_dir), Path(out_dir)
-    source = build_tiny_model(work_dir / "tiny-random", pretrained=False)
+    source = build_tiny_model(work_dir / "tiny", pretrained=False)
     trained = pretrain_tiny_model(source, work_dir / "pretrained", **DEFAULT_RECIPE)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = (trained / "model.safetensors").read_bytes()

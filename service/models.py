@@ -111,7 +111,7 @@ class Job(Base):
     # Attempts whose worker stopped beating (a stopped worker's give-back is not counted).
     workers_lost: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
-    # What a running job is doing (rlora.training.PHASES); None while it is not running.
+    # What a running job is doing (the trainer's "phase" events); None while it is not running.
     phase: Mapped[str | None] = mapped_column(String(16))
     step: Mapped[int | None] = mapped_column(Integer)
     total_steps: Mapped[int | None] = mapped_column(Integer)

@@ -82,6 +82,7 @@ def test_dashboard_pages_show_the_signed_in_tenants_jobs_only(client, new_tenant
 
     page = client.get("/ui/")
     assert mine in page.text and theirs not in page.text
+    assert client.get("/ui/", params={"after": "job\x00"}).status_code == 200
     assert "default-src 'none'" in page.headers["content-security-policy"]
     job_page = client.get(f"/ui/jobs/{mine}")
     assert job_page.status_code == 200 and "step 4/10" in job_page.text and f"/ui/jobs/{mine}/plots/loss.png" in job_page.text

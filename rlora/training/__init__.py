@@ -6,7 +6,7 @@ from .._exports import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["MixtureEntry", "TrainConfig", "TrainingSettings", "field_path", "read_train_config"], ".config"),
-    **dict.fromkeys(["PHASES", "Progress", "TrainingCancelled", "train"], ".loop"),
+    **dict.fromkeys(["Progress", "TrainingCancelled", "train"], ".loop"),
     **dict.fromkeys(["LimitProblem", "TrainingLimits", "limit_problems"], ".limits"),
 }
 __all__ = sorted(_EXPORTS)

@@ -60,11 +60,6 @@ from .limits import context_problem
 ProgressCallback = Callable[["Progress"], None]
 EventCallback = Callable[[str, dict], None]
 
-# What a run is doing, in order, each announced as a "phase" event ({"phase": name}) as it
-# begins: loading the model and data, the optimisation loop, the final evaluation, writing the
-# adapter and metrics.
-PHASES = ("preparing", "training", "evaluating", "saving")
-
 # torch.compile's backend for training.compile; the CPU tests swap in "aot_eager", which traces
 # the same graphs without inductor's minutes of C++ compilation.
 _COMPILE_BACKEND = "inductor"
@@ -110,7 +105,9 @@ def train(
             raise different_run_error(output_dir, "a finished run")
         return finished
 
-    # 1. Model, tokenizer and adapter.
+    # 1. Model, tokenizer and adapter. What the run is doing is announced as a "phase" event
+    # as each part begins: "preparing" (model and data), "training" (the loop), "evaluating"
+    # (the final evaluation), "saving" (the adapter and metrics).
     emit("phase", {"phase": "preparing"})
     device = _device(settings.device)
     bf16 = settings.precision == "bfloat16" or (

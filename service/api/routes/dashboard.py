@@ -28,7 +28,7 @@ from service.api.auth import AuthenticatedTenant, TenantReader
 from service.api.errors import APIError
 from service.api.routes.jobs import JOB_ROWS, job_out, job_picture, read_job_metrics, read_job_row
 from service.api.schemas import JobEventOut
-from service.ids import hash_api_key
+from service.ids import could_exist, hash_api_key
 from service.jobs.states import ACTIVE
 from service.models import Job, JobEvent
 
@@ -96,7 +96,7 @@ async def root() -> RedirectResponse:
 async def jobs_page(request: Request, after: str | None = None) -> HTMLResponse:
     def read(connection: Connection, tenant: AuthenticatedTenant):
         query = JOB_ROWS.where(Job.tenant_id == tenant.id)
-        if after:
+        if after and could_exist(after):  # a NUL would be PostgreSQL's error, not the user's
             query = query.where(Job.id < after)
         rows = connection.execute(query.order_by(Job.id.desc()).limit(JOBS_SHOWN + 1)).all()
         jobs = [job_out(row, row.adapter_id) for row in rows[:JOBS_SHOWN]]
@@ -133,7 +133,10 @@ async def job_page(request: Request, job_id: str) -> HTMLResponse:
         return _sign_in(request)
     tenant, job, events, metrics = found
     final = metrics.metrics or {}
-    pictures = ["loss"] + (["head_similarity"] if job.adapter_id else []) + (["routing"] if final.get("routing") else [])
+    # Only the pictures there is data for: no broken images while a job waits.
+    pictures = (["loss"] if metrics.train_loss else []) + (["head_similarity"] if job.adapter_id else []) + (
+        ["routing"] if final.get("routing") else []
+    )
     return _page(
         request, "job.html", tenant=tenant, job=job, events=events, pictures=pictures, evaluation=final.get("eval") or {},
         head_similarity=final.get("head_similarity"), refresh=REFRESH_SECONDS if job.status in ACTIVE else None,

@@ -1,0 +1,46 @@
+"""The tiny model's shipped, pretrained weights: they load, the folder is rebuilt when its
+weights are other ones, and the model knows what its pretraining taught (sums in words, in
+the chat template) while it does not yet answer the README's ``3+4=`` format."""
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlora.tiny import MARKER_FILE, PRETRAINED_WEIGHTS, build_tiny_model
+
+
+def greedy(path, text: str, tokens: int = 4) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = tokenizer(tokenizer.bos_token + text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_shipped_weights_are_small_and_described():
+    assert PRETRAINED_WEIGHTS.is_file() and PRETRAINED_WEIGHTS.stat().st_size < 10 * 2**20
+    recipe = json.loads(PRETRAINED_WEIGHTS.with_suffix(".json").read_text())
+    assert recipe["corpus"] == "default-v1" and recipe["loss_after"] < recipe["loss_before"]
+
+
+def test_the_pretrained_tiny_model_adds_in_words_but_not_in_the_readme_format(tiny_model_path):
+    chat = "<|user|>{}<|eos|><|assistant|>"
+    answers = [greedy(tiny_model_path, chat.format(f"what is {a} plus {b}")) for a, b in [(3, 4), (12, 7), (25, 19)]]
+    assert answers == ["7", "19", "44"]
+    assert greedy(tiny_model_path, chat.format("3+4=")) != "7"  # what the README's job teaches
+
+
+def test_a_folder_of_other_weights_is_replaced(tmp_path):
+    random_model = build_tiny_model(tmp_path / "tiny", pretrained=False)
+    assert json.loads((random_model / MARKER_FILE).read_text()) == {"seed": 0}
+    pretrained = build_tiny_model(tmp_path / "tiny")
+    assert pretrained == random_model and json.loads((pretrained / MARKER_FILE).read_text())["weights"].startswith("pretrained:")
+    weights = AutoModelForCausalLM.from_pretrained(pretrained).state_dict()
+    from safetensors.torch import load_file
+
+    shipped = load_file(PRETRAINED_WEIGHTS)
+    assert all(torch.equal(weights[name], tensor) for name, tensor in shipped.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"], "nothing left behind"
