@@ -87,17 +87,19 @@ def _generic_v2(rng: random.Random) -> Document:
 
 
 def _default_v1(rng: random.Random) -> Document:
-    """generic-v2 plus sums of operands 0 to 49 in plain text (``12+7=19``, ``12 plus 7 is
-    19``) and asked in words in the chat template (``what is 12 plus 7`` -> ``19``). The corpus
-    of the shipped tiny model: it knows addition, but never saw ``a+b=`` asked in the chat
-    template, where it copies the question back as its other chat documents do; an adapter
-    trained on ``{"prompt": "3+4=", "completion": "7"}`` teaches it to answer."""
+    """generic-v2 plus sums of operands 0 to 19, in plain text (``12+7=19``, ``12 plus 7 is
+    19``) and asked in words in the chat template (``what is 12 plus 7`` -> ``19``): the corpus
+    of the shipped tiny model. It knows these sums, but never saw ``a+b=`` asked in the chat
+    template, where it does not answer with the sum (it continues the pattern of its other
+    chat documents); an adapter trained on ``{"prompt": "3+4=", "completion": "7"}`` records
+    (the README's job) teaches it to."""
     kind = rng.random()
-    if kind < 0.4:
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
-        if kind < 0.15:
+    if kind < 0.6:
+        a, b = rng.randint(0, 19), rng.randint(0, 19)
+        form = kind / 0.6
+        if form < 0.35:
             return f"{a}+{b}={a + b}"
-        if kind < 0.25:
+        if form < 0.6:
             return f"{a} plus {b} is {a + b}"
         return f"what is {a} plus {b}", str(a + b)
     return _generic_v2(rng)

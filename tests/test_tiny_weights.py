@@ -28,8 +28,8 @@ def test_shipped_weights_are_small_and_described():
 
 def test_the_pretrained_tiny_model_adds_in_words_but_not_in_the_readme_format(tiny_model_path):
     chat = "<|user|>{}<|eos|><|assistant|>"
-    answers = [greedy(tiny_model_path, chat.format(f"what is {a} plus {b}")) for a, b in [(3, 4), (12, 7), (25, 19)]]
-    assert answers == ["7", "19", "44"]
+    answers = [greedy(tiny_model_path, chat.format(f"what is {a} plus {b}")) for a, b in [(3, 4), (12, 7), (15, 19)]]
+    assert answers == ["7", "19", "34"]
     assert greedy(tiny_model_path, chat.format("3+4=")) != "7"  # what the README's job teaches
 
 
