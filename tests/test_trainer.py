@@ -77,8 +77,9 @@ def test_outputs_metrics_and_adapter_folder(datasets, tmp_path, tiny_model_path)
     assert 0 <= metrics["head_similarity"]["mean"] < 1
     assert len(metrics["routing"]["per_layer"]) == 6 and metrics["tokens_per_second"] > 0
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
-    assert [kind for kind, _ in events] == ["checkpoint"] * 3 + ["eval"]
-    assert [e[1]["step"] for e in events[:3]] == [4, 8, 12]
+    assert [kind for kind, _ in events] == ["phase", "phase"] + ["checkpoint"] * 3 + ["phase", "eval", "phase"]
+    assert [data["phase"] for kind, data in events if kind == "phase"] == ["preparing", "training", "evaluating", "saving"]
+    assert [data["step"] for kind, data in events if kind == "checkpoint"] == [4, 8, 12]
     assert [p.step for p in progress] == list(range(1, 13))
     assert all(isinstance(p, Progress) and p.total_steps == 12 and p.learning_rate > 0 for p in progress)
     assert progress[-1].eta_seconds == 0
@@ -120,7 +121,7 @@ def test_killed_run_resumes_to_the_same_adapter(datasets, tmp_path, tiny_model_p
     events = []
     resumed = run(make_config(datasets, tmp_path / "resumed"), tiny_model_path,
                   on_event=lambda kind, data: events.append((kind, data)))
-    assert events[0] == ("resumed", {"step": 4})
+    assert events[:2] == [("phase", {"phase": "preparing"}), ("resumed", {"step": 4})]
     assert [p["loss"] for p in resumed["train_loss"]] == pytest.approx([p["loss"] for p in straight["train_loss"]], abs=1e-5)
     expected = adapter_tensors(tmp_path / "straight")
     got = adapter_tensors(tmp_path / "resumed")
@@ -150,7 +151,7 @@ def test_should_stop_is_honoured_during_the_final_evaluation(datasets, tmp_path,
     events, checks_after_training = [], []
 
     def should_stop() -> bool:
-        if events and events[-1] == ("checkpoint", 2):  # the last step is done: evaluating now
+        if events and events[-1] == ("phase", 2):  # the last step is done, "evaluating" announced
             checks_after_training.append(True)
         return len(checks_after_training) >= 2  # the first batch evaluated, then stop
 
