@@ -97,7 +97,7 @@ def head_similarity_plot(matrices: dict[str, list[list[float]]], fmt: str) -> by
     names = _shown(sorted(matrices))
     columns = min(6, len(names))
     rows = math.ceil(len(names) / columns)
-    figure = Figure(figsize=(2.2 * columns + 1.0, 2.2 * rows + 0.6))
+    figure = Figure(figsize=(2.0 * columns + 1.0, 2.0 * rows + 0.5), layout="constrained")
     grid = figure.subplots(rows, columns, squeeze=False)
     image = None
     for axes, name in zip(grid.flat, names):
