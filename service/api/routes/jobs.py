@@ -3,11 +3,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi import Path as PathParam
-from starlette.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Connection, Row, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service.api import plots
 from service.api.auth import AuthenticatedTenant, TenantDep, TenantReader, TenantReaderDep, get_owned, read_owned, where_owned
