@@ -44,3 +44,21 @@ def test_a_folder_of_other_weights_is_replaced(tmp_path):
     shipped = load_file(PRETRAINED_WEIGHTS)
     assert all(torch.equal(weights[name], tensor) for name, tensor in shipped.items())
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"], "nothing left behind"
+
+
+def test_the_readme_job_teaches_the_default_model_to_add(tiny_model_path, tmp_path):
+    """The README walkthrough's job (its data and settings), by the library: over 80% exact
+    match on the held-out problems, where the base model gets almost none."""
+    from rlora.training import TrainConfig, train
+
+    data = tmp_path / "add.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b), "task": "add"}) + "\n"
+                            for a in range(20) for b in range(20)))
+    config = TrainConfig(
+        base_model="tiny", mixture=[{"path": str(data), "weight": 1.0, "task": "add"}],
+        adapter={"method": "rlora", "heads": 3, "rank": 4},
+        training={"max_steps": 300, "batch_size": 8, "max_seq_len": 64, "learning_rate": 3e-3, "device": "cpu"},
+        output_dir=str(tmp_path / "out"),
+    )
+    metrics = train(config, cache_dir=tiny_model_path.parent)
+    assert metrics["eval"]["add"]["examples"] == 40 and metrics["eval"]["add"]["accuracy"] >= 0.8, metrics["eval"]
