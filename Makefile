@@ -9,7 +9,7 @@ PORT ?= 8000
 VENV_PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test services bench
+.PHONY: install run test services browser bench
 
 install: $(INSTALLED)
 
@@ -30,7 +30,10 @@ run: install
 services:
 	./scripts/start-services
 
-test: install services
+browser:
+	./scripts/install-browser  # chromium + chromedriver for the dashboard's browser test; a no-op when present
+
+test: install services browser
 	$(VENV_PYTHON) -m pytest -q
 
 bench: install

@@ -130,7 +130,7 @@ def best_of(runs):
 def cpu_benchmark(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        model_path = build_tiny_model(work / "models" / "tiny")
+        model_path = build_tiny_model(work / "models" / "tiny", pretrained=False)
         adapter_paths = make_adapters(model_path, work / "adapters", max(args.adapters, 8))
         ids = [f"a{i:03d}" for i in range(len(adapter_paths))]
 

@@ -235,7 +235,7 @@ def base_model(args) -> tuple[Path, dict]:
     elif args.tier == "gpu":
         source = build_model_from_config(cache / "gpu-85m", GPU_MODEL)
     else:
-        source = build_tiny_model(cache / "tiny")
+        source = build_tiny_model(cache / "tiny", pretrained=False)  # the pretraining below starts from random weights
     started = time.perf_counter()
     path = pretrain_tiny_model(
         source, cache, steps=args.pretrain_steps, seed=0, corpus="generic-v2", batch_size=args.pretrain_batch_size,

@@ -45,27 +45,31 @@ _LETTERS = string.ascii_lowercase
 _CHARSET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,-"
 
 
+# A document: plain text, or a (user, assistant) exchange rendered in the chat template.
+Document = str | tuple[str, str]
+
+
 def _random_string(rng: random.Random, alphabet: str, low: int, high: int) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(low, high)))
 
 
-def _generic_v1(rng: random.Random) -> tuple[str, bool]:
-    """One document of the generic-v1 corpus: ``(text, is_chat)``. Chat documents are rendered
-    through the tokenizer's chat template, plain ones are used as they are."""
+def _generic_v1(rng: random.Random) -> Document:
+    """One document of the generic-v1 corpus: plain text, or a ``(user, assistant)`` chat
+    exchange, rendered through the tiny model's chat template."""
     kind = rng.random()
     if kind < 0.6:
         alphabet = rng.choice([_LETTERS, string.digits, _CHARSET, _LETTERS + string.digits])
         text = _random_string(rng, alphabet, 1, 12)
-        return text, True
+        return text, text
     if kind < 0.8:
         text = _random_string(rng, rng.choice([_LETTERS, _CHARSET]), 3, 12)
         separator = rng.choice([" | ", " ", "\n", " :: "])
-        return f"{text}{separator}{text}", False
+        return f"{text}{separator}{text}"
     start = rng.randint(0, 990)
-    return " ".join(str(n) for n in range(start, start + rng.randint(3, 8))), False
+    return " ".join(str(n) for n in range(start, start + rng.randint(3, 8)))
 
 
-def _generic_v2(rng: random.Random) -> tuple[str, bool]:
+def _generic_v2(rng: random.Random) -> Document:
     """generic-v1 plus two kinds of plain text: a word next to its other-case form
     (``cab CAB``, ``Dog dOG``) and runs of consecutive letters (``klmnop``), so the model
     knows the alphabet's order and which bytes are case pairs."""
@@ -74,15 +78,36 @@ def _generic_v2(rng: random.Random) -> tuple[str, bool]:
         text = _random_string(rng, _LETTERS + string.ascii_uppercase, 2, 8)
         pair = [text, text.swapcase()]
         rng.shuffle(pair)
-        return rng.choice([" ", " | ", "\n"]).join(pair), False
+        return rng.choice([" ", " | ", "\n"]).join(pair)
     if kind < 0.3:
         alphabet = rng.choice([_LETTERS, string.ascii_uppercase])
         start = rng.randint(0, 20)
-        return alphabet[start : start + rng.randint(3, 26 - start)], False
+        return alphabet[start : start + rng.randint(3, 26 - start)]
     return _generic_v1(rng)
 
 
-CORPORA: dict[str, Callable[[random.Random], tuple[str, bool]]] = {"generic-v1": _generic_v1, "generic-v2": _generic_v2}
+def _default_v1(rng: random.Random) -> Document:
+    """generic-v2 plus sums of operands 0 to 19, in plain text (``12+7=19``, ``12 plus 7 is
+    19``) and asked in words in the chat template (``what is 12 plus 7`` -> ``19``): the corpus
+    of the shipped tiny model. It knows these sums, but never saw ``a+b=`` asked in the chat
+    template, where it does not answer with the sum (it continues the pattern of its other
+    chat documents); an adapter trained on ``{"prompt": "3+4=", "completion": "7"}`` records
+    (the README's job) teaches it to."""
+    kind = rng.random()
+    if kind < 0.6:
+        a, b = rng.randint(0, 19), rng.randint(0, 19)
+        form = kind / 0.6
+        if form < 0.35:
+            return f"{a}+{b}={a + b}"
+        if form < 0.6:
+            return f"{a} plus {b} is {a + b}"
+        return f"what is {a} plus {b}", str(a + b)
+    return _generic_v2(rng)
+
+
+CORPORA: dict[str, Callable[[random.Random], Document]] = {
+    "generic-v1": _generic_v1, "generic-v2": _generic_v2, "default-v1": _default_v1,
+}
 
 
 def corpus_documents(corpus: str, seed: int, count: int) -> list[str]:
@@ -92,10 +117,10 @@ def corpus_documents(corpus: str, seed: int, count: int) -> list[str]:
     rng = random.Random(f"{corpus}:{seed}")
     documents = []
     for _ in range(count):
-        text, is_chat = CORPORA[corpus](rng)
-        if is_chat:  # rendered as rlora.tiny.CHAT_TEMPLATE renders [user, assistant]
-            text = f"<|user|>{text}<|eos|><|assistant|>{text}<|eos|>"
-        documents.append(text)
+        document = CORPORA[corpus](rng)
+        if isinstance(document, tuple):  # rendered as rlora.tiny.CHAT_TEMPLATE renders [user, assistant]
+            document = f"<|user|>{document[0]}<|eos|><|assistant|>{document[1]}<|eos|>"
+        documents.append(document)
     return documents
 
 
@@ -234,3 +259,34 @@ def pretrain_tiny_model(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+# The recipe of the tiny model's shipped weights (rlora/weights/tiny.safetensors): the random
+# tiny model of seed 0, pretrained on the default-v1 corpus. scripts/build-tiny-weights runs it.
+DEFAULT_RECIPE = dict(steps=3000, seed=0, corpus="default-v1", batch_size=32, learning_rate=3e-3, max_len=64)
+
+
+def build_default_weights(work_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Make the tiny model's shipped weights: pretrain the random tiny model by
+    ``DEFAULT_RECIPE`` under ``work_dir`` (cached there) and write ``tiny.safetensors`` and
+    ``tiny.json`` (the recipe, the losses, the threads used) into ``out_dir``. Deterministic
+    for a given machine and thread count, as `pretrain_tiny_model` is."""
+    from .tiny import build_tiny_model
+
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    source = build_tiny_model(work_dir / "tiny", pretrained=False)
+    trained = pretrain_tiny_model(source, work_dir / "pretrained", **DEFAULT_RECIPE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = (trained / "model.safetensors").read_bytes()
+    write = {
+        "tiny.safetensors": weights,
+        "tiny.json": json.dumps({
+            **json.loads((trained / MARKER_FILE).read_text()), "source": "rlora.tiny random weights, seed 0",
+            "sha256": hashlib.sha256(weights).hexdigest(),
+        }, indent=2).encode(),
+    }
+    for name, data in write.items():
+        staging = out_dir / f".{name}.tmp"
+        staging.write_bytes(data)
+        os.replace(staging, out_dir / name)
+    return out_dir / "tiny.safetensors"

@@ -3,10 +3,17 @@
 It is written as an ordinary Hugging Face folder, so everything that loads real models
 (``AutoModelForCausalLM``, ``AutoTokenizer``) loads it too, offline. It is the embedded default
 base model of the service and the model the test suite trains.
+
+Its weights are the pretrained ones shipped with the package (``weights/tiny.safetensors``,
+made by ``scripts/build-tiny-weights`` with `rlora.pretrain.build_default_weights`: a short
+deterministic pretraining on synthetic text, sums in words included), so that an adapter on
+it can learn a small skill in a minute; ``pretrained=False`` gives the random initialisation
+(seeded), which is what that pretraining starts from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -87,10 +94,22 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+PRETRAINED_WEIGHTS = WEIGHTS_DIR / "tiny.safetensors"  # the package's pretrained tiny model
+MARKER_FILE = "rlora_tiny.json"  # which weights a built folder holds
+
+
+def _weights_digest() -> str:
+    return hashlib.sha256(PRETRAINED_WEIGHTS.read_bytes()).hexdigest()
+
+
+def build_tiny_model(path: str | os.PathLike, seed: int = 0, *, pretrained: bool = True) -> Path:
     """Write the tiny model and its tokenizer to ``path`` (atomically) and return the path.
 
-    The weights depend only on ``seed``. An existing complete folder is left as it is.
+    ``pretrained``: the weights shipped with the package (``seed`` is not used); otherwise a
+    random initialisation that depends only on ``seed``. An existing complete folder with the
+    same weights is left as it is; one with other weights (a random tiny model built by an
+    earlier version, say) is replaced.
     """
     # Imported here, as build_tokenizer does: naming the tiny model (the service's model list)
     # needs neither torch nor transformers.
@@ -98,7 +117,8 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+    marker = {"weights": f"pretrained:{_weights_digest()}"} if pretrained else {"seed": seed}
+    if (path / "tokenizer.json").exists() and _marker(path) == marker:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -109,17 +129,40 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
             model = LlamaForCausalLM(LlamaConfig(**TINY_CONFIG))
         finally:
             torch.random.set_rng_state(generator_state)
+        if pretrained:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(PRETRAINED_WEIGHTS), strict=True)
         model.config.name_or_path = TINY_MODEL_NAME
         model.save_pretrained(staging, safe_serialization=True)
         build_tokenizer().save_pretrained(staging)
-        (staging / "rlora_tiny.json").write_text(json.dumps({"seed": seed}))
-        try:
-            os.rename(staging, path)
-        except OSError:
-            # Another process finished first; its folder is equally good.
-            if not (path / "config.json").exists():
-                raise
+        (staging / MARKER_FILE).write_text(json.dumps(marker))
+        _move_into_place(staging, path, marker)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _marker(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _move_into_place(staging: Path, path: Path, marker: dict) -> None:
+    """``staging`` renamed to ``path``; a folder of other weights there is moved aside first."""
+    if path.exists() and _marker(path) != marker:
+        outdated = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        try:
+            os.rename(path, outdated / path.name)
+        except OSError:
+            pass  # another process moved it first
+        shutil.rmtree(outdated, ignore_errors=True)
+    try:
+        os.rename(staging, path)
+    except OSError:
+        # Another process finished first; its folder is equally good.
+        if _marker(path) != marker:
+            raise

@@ -114,6 +114,8 @@ class Job(Base):
     suffix: Mapped[str | None] = mapped_column(String(64))
     user_metadata: Mapped[dict[str, Any] | None]
 
+    # What a running job is doing (the trainer's "phase" events); None while it is not running.
+    phase: Mapped[str | None] = mapped_column(String(16))
     step: Mapped[int | None] = mapped_column(Integer)
     total_steps: Mapped[int | None] = mapped_column(Integer)
     loss: Mapped[float | None] = mapped_column(Float)

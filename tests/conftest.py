@@ -17,6 +17,14 @@ def tiny_model_path(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def random_tiny_model_path(tmp_path_factory):
+    """The tiny model's random initialisation, for tests of what pretraining does to it."""
+    from rlora.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", pretrained=False)
+
+
 @pytest.fixture
 def tiny_model(tiny_model_path):
     """A fresh copy of the tiny base model in eval mode."""

@@ -112,7 +112,9 @@ def test_reads_paths_with_blank_lines_and_bom(tmp_path):
         (jsonl(PROMPT_COMPLETION, [1, 2]), 2, None, "must be a JSON object, got array"),
         (jsonl({"question": "x", "answer": "y"}), 1, None, "unknown record shape"),
         (jsonl({"prompt": "x", "completion": "y", "output": "z"}), 1, None, "several shapes"),
-        (jsonl({"prompt": "x", "completion": "y", "task": 3}), 1, "task", "must be a string"),
+        (jsonl({"prompt": "x", "completion": "y", "task": 3.5}), 1, "task", "must be a string or an integer, got number"),
+        (jsonl({"prompt": "x", "completion": "y", "task_type": True}), 1, "task_type", "must be a string or an integer"),
+        (jsonl({"prompt": "x", "completion": "y", "task": "t" * 101}), 1, "task", "at most 100 characters"),
     ],
 )
 def test_each_jsonl_problem_names_line_and_field(data, line, field, text):
@@ -432,3 +434,32 @@ def test_collator_pads_to_a_fixed_width(tokenizer):
     assert batch["input_ids"].shape == (1, 32) and batch["attention_mask"].sum() == length
     with pytest.raises(ValueError, match="does not fit"):
         Collator(tokenizer.pad_token_id, width=length - 1)(features)
+
+
+# --- task labels: strings, integers, none; a mixture entry's tasks ----------------------
+
+
+def test_task_labels_may_be_integers_or_empty():
+    from rlora.data import validate_dataset
+
+    records = [
+        {"instruction": "a", "input": "", "output": "x", "task_type": ""},
+        {"instruction": "b", "input": "", "output": "y", "task_type": 1},
+        {"prompt": "c", "completion": "z", "task": "  "},
+        {"prompt": "d", "completion": "w", "task": None},
+        {"prompt": "e", "completion": "v", "task": 0},
+    ]
+    examples, summary = validate_dataset(jsonl(*records))
+    assert [e.task for e in examples] == [None, "1", None, None, "0"]
+    assert summary.tasks == {"default": 3, "1": 1, "0": 1}
+
+
+def test_entry_tasks_follow_the_records_labels():
+    from rlora.data.mixture import FROM_RECORDS, TaskNotInRecords, entry_tasks
+
+    hydra = {"default": 1265, "1": 300}
+    assert entry_tasks(hydra, FROM_RECORDS) == {"default": "default", "1": "1"}
+    assert entry_tasks(hydra, "1") == {"1": "1"}  # only the records labelled 1
+    assert entry_tasks({"default": 40}, "add") == {"add": "default"}  # an unlabelled file is the entry's task
+    with pytest.raises(TaskNotInRecords, match="no record carries task 'qa'.*'1'"):
+        entry_tasks(hydra, "qa")

@@ -413,3 +413,28 @@ def test_another_tenants_objects_are_404(client, new_tenant):
         assert client.get(path, headers=stranger).json()["data"] == []
     assert client.get(f"/v1/jobs/{job_id}", headers=owner).json()["status"] == "queued", "untouched"
     assert error_of(client.get("/v1/adapters/ad-nothing", headers=stranger), 404)["code"] == "not_found"
+
+
+def test_a_mixture_takes_tasks_from_record_labels_and_refuses_a_task_no_record_carries(client, new_tenant):
+    import json
+
+    headers = new_tenant()
+    # HydraLoRA's example mixture labels records with "" (no task) and the integer 1.
+    hydra = "".join(
+        json.dumps({"instruction": f"q{i}", "input": "", "output": "a", "task_type": "" if i % 4 else 1}) + "\n" for i in range(16)
+    )
+    uploaded = upload(client, headers, hydra).json()
+    assert uploaded["tasks"] == {"default": 12, "1": 4}
+    other = upload(client, headers, dataset(6, task="1")).json()["id"]
+
+    def body(*entries):
+        return {**job_body(uploaded["id"]), "mixture": [dict(file_id=f, task=t) for f, t in entries]}
+
+    created = client.post("/v1/jobs", headers=headers, json=body((uploaded["id"], "from_records")))
+    assert created.status_code == 201, created.text
+    assert client.post("/v1/jobs", headers=headers, json=body((uploaded["id"], "1"))).status_code == 201
+
+    error = error_of(client.post("/v1/jobs", headers=headers, json=body((uploaded["id"], "qa"))), 422)
+    assert error["field"] == "mixture[0].task" and "no record carries task 'qa'" in error["message"]
+    error = error_of(client.post("/v1/jobs", headers=headers, json=body((uploaded["id"], "from_records"), (other, "from_records"))), 422)
+    assert error["field"] == "mixture[1].task" and "also the task of mixture[0]" in error["message"]

@@ -27,7 +27,7 @@ def datasets(tmp_path):
     reverse = write_jsonl(tmp_path / "reverse.jsonl", [{"prompt": f"rev {w}", "completion": w[::-1]} for w in words])
     answer = write_jsonl(
         tmp_path / "answer.jsonl",
-        [{"instruction": "Say ok.", "input": w, "output": "ok", "task": "ok"} for w in words],
+        [{"instruction": "Say ok.", "input": w, "output": "ok", "task": "answer"} for w in words],
     )
     return {"reverse": reverse, "answer": answer}
 
@@ -77,8 +77,9 @@ def test_outputs_metrics_and_adapter_folder(datasets, tmp_path, tiny_model_path)
     assert 0 <= metrics["head_similarity"]["mean"] < 1
     assert len(metrics["routing"]["per_layer"]) == 6 and metrics["tokens_per_second"] > 0
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
-    assert [kind for kind, _ in events] == ["checkpoint"] * 3 + ["eval"]
-    assert [e[1]["step"] for e in events[:3]] == [4, 8, 12]
+    assert [kind for kind, _ in events] == ["phase", "phase"] + ["checkpoint"] * 3 + ["phase", "eval", "phase"]
+    assert [data["phase"] for kind, data in events if kind == "phase"] == ["preparing", "training", "evaluating", "saving"]
+    assert [data["step"] for kind, data in events if kind == "checkpoint"] == [4, 8, 12]
     assert [p.step for p in progress] == list(range(1, 13))
     assert all(isinstance(p, Progress) and p.total_steps == 12 and p.learning_rate > 0 for p in progress)
     assert progress[-1].eta_seconds == 0
@@ -120,7 +121,7 @@ def test_killed_run_resumes_to_the_same_adapter(datasets, tmp_path, tiny_model_p
     events = []
     resumed = run(make_config(datasets, tmp_path / "resumed"), tiny_model_path,
                   on_event=lambda kind, data: events.append((kind, data)))
-    assert events[0] == ("resumed", {"step": 4})
+    assert events[:2] == [("phase", {"phase": "preparing"}), ("resumed", {"step": 4})]
     assert [p["loss"] for p in resumed["train_loss"]] == pytest.approx([p["loss"] for p in straight["train_loss"]], abs=1e-5)
     expected = adapter_tensors(tmp_path / "straight")
     got = adapter_tensors(tmp_path / "resumed")
@@ -150,7 +151,7 @@ def test_should_stop_is_honoured_during_the_final_evaluation(datasets, tmp_path,
     events, checks_after_training = [], []
 
     def should_stop() -> bool:
-        if events and events[-1] == ("checkpoint", 2):  # the last step is done: evaluating now
+        if events and events[-1] == ("phase", 2):  # the last step is done, "evaluating" announced
             checks_after_training.append(True)
         return len(checks_after_training) >= 2  # the first batch evaluated, then stop
 
@@ -262,3 +263,32 @@ def test_eval_keeps_truncated_prompts_and_counts_answers_over_the_limit(datasets
     assert reverse["skipped"] == 0 and reverse["examples"] == 22
     # ...and answers longer than eval_max_new_tokens are counted, as exact match cannot hold.
     assert reverse["answers_over_limit"] == 22
+
+
+def test_a_mixture_entry_takes_its_tasks_from_the_records_labels(tmp_path, tiny_model_path):
+    # HydraLoRA's public example mixture: task_type "" (no task) and the integer 1.
+    records = [{"instruction": f"echo {i}", "input": "", "output": str(i), "task_type": ""} for i in range(30)]
+    records += [{"instruction": f"double {i}", "input": "", "output": str(2 * i), "task_type": 1} for i in range(10)]
+    data = write_jsonl(tmp_path / "hydra.jsonl", records)
+    config = TrainConfig(
+        base_model="tiny", mixture=[{"path": data, "task": "from_records", "weight": 2.0}],
+        adapter={"method": "rlora", "heads": 2, "rank": 2},
+        training=dict(max_steps=2, batch_size=4, max_seq_len=32, eval_max_examples=4, eval_max_new_tokens=2, validation_share=0.1),
+        output_dir=str(tmp_path / "out"),
+    )
+    from rlora.training.loop import load_mixture
+
+    sources = {source.task: source for source in load_mixture(config)}
+    assert set(sources) == {"default", "1"}
+    # The entry's weight split by records: 30 and 10 of 40.
+    assert sources["default"].weight == pytest.approx(1.5) and sources["1"].weight == pytest.approx(0.5)
+    assert len(sources["default"].examples) + len(sources["default"].validation) == 30
+    assert all(e.task == "1" for e in sources["1"].examples + sources["1"].validation)
+    metrics = run(config, tiny_model_path)
+    assert set(metrics["eval"]) == {"default", "1"}
+    assert set(metrics["routing"]["by_task"]["tasks"]) == {"default", "1"}
+
+    # A task no record carries names the entry.
+    wrong = config.model_copy(update={"mixture": [config.mixture[0].model_copy(update={"task": "qa"})]})
+    with pytest.raises(ValueError, match=r"mixture\[0\].task: no record carries task 'qa'"):
+        load_mixture(wrong)

@@ -45,7 +45,7 @@ def test_a_job_trains_to_success(worker_env, worker):
     assert job["progress"]["step"] == 4 and job["progress"]["total_steps"] == 4 and job["progress"]["eta_seconds"] == 0
 
     kinds = [e["kind"] for e in worker_env.events(job_id)]
-    assert kinds[:2] == ["created", "started"] and kinds[-2:] == ["eval", "finished"]
+    assert kinds[:3] == ["created", "started", "phase"] and kinds[-3:] == ["eval", "phase", "finished"]
     assert {"progress", "checkpoint"} <= set(kinds)
 
     metrics = worker_env.client.get(f"/v1/jobs/{job_id}/metrics", headers=worker_env.headers).json()

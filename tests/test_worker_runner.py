@@ -125,3 +125,54 @@ def test_a_job_whose_file_vanished_fails_with_a_readable_error(queue_client):
     assert file_id in job["error"]["message"]
     assert kinds(queue_client, headers, job_id) == ["created", "started", "finished"]
     assert run_next(state.settings, state.db, queue, "test-worker", threading.Event()) is None, "nothing left to start"
+
+
+def test_a_job_shows_its_phase_and_streams_its_events_until_it_ends(queue_client):
+    import json
+
+    from worker.runner import _Run, run_next
+
+    state = queue_client.app.state
+    headers = tenant_headers(queue_client)
+    file_id = upload(queue_client, headers, dataset(8, start=80_000)).json()["id"]
+    job_id = submit_job(queue_client, headers, file_id, max_steps=2)["id"]
+    assert queue_client.get(f"/v1/jobs/{job_id}", headers=headers).json()["phase"] is None
+
+    # The status shows the phase the trainer announced, only while the job runs.
+    with state.db.session() as session:
+        attempt = states.claim(session, job_id, "w")
+        job = session.get(Job, job_id)
+    run = _Run(state.settings, state.db, job, attempt, threading.Event())
+    run._on_event("phase", {"phase": "evaluating", "step": 2})
+    assert queue_client.get(f"/v1/jobs/{job_id}", headers=headers).json()["phase"] == "evaluating"
+    with state.db.session() as session:
+        states.requeue(session, session.get(Job, job_id), attempt, "test")
+    assert queue_client.get(f"/v1/jobs/{job_id}", headers=headers).json()["phase"] is None
+
+    # The stream follows the real run to its end, and closes.
+    queue = f"{state.settings.queue_prefix}.cpu"
+    worker = threading.Thread(target=run_next, args=(state.settings, state.db, queue, "w", threading.Event()))
+    worker.start()
+    frames = []
+    with queue_client.stream("GET", f"/v1/jobs/{job_id}/events/stream", headers=headers) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for block in response.iter_text():
+            frames.append(block)
+    worker.join(120)
+    events = [
+        dict(line.split(": ", 1) for line in frame.strip().splitlines())
+        for frame in "".join(frames).split("\n\n") if frame.strip() and not frame.startswith(":")
+    ]
+    listed = queue_client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()["data"]
+    assert [int(e["id"]) for e in events] == [e["id"] for e in listed]
+    assert [json.loads(e["data"]) for e in events] == listed
+    assert [e["event"] for e in events] == [e["kind"] for e in listed]
+    phases = [e["data"]["phase"] for e in listed if e["kind"] == "phase"]
+    assert phases == ["evaluating", "preparing", "training", "evaluating", "saving"]
+    assert listed[-1]["kind"] == "finished" and listed[-1]["data"]["status"] == "succeeded"
+    assert queue_client.get(f"/v1/jobs/{job_id}", headers=headers).json()["phase"] is None
+
+    # Resuming after an event sends only the later ones; another tenant's job is a 404.
+    resumed = queue_client.get(f"/v1/jobs/{job_id}/events/stream", headers={**headers, "Last-Event-ID": str(listed[-3]["id"])})
+    assert [int(line[4:]) for line in resumed.text.splitlines() if line.startswith("id: ")] == [e["id"] for e in listed[-2:]]
+    assert queue_client.get(f"/v1/jobs/{job_id}/events/stream", headers=tenant_headers(queue_client)).status_code == 404

@@ -156,8 +156,9 @@ class _Run:
             self._steps_counted = data.get("step", 0)  # steps trained before are counted already
         # Paths on the worker's disk are no business of the tenant's.
         data = {key: value for key, value in data.items() if key != "path"}
+        values = {"phase": data["phase"]} if kind == "phase" else {}
         with self.db.session() as session:
-            states.touch_running(session, self.job, self.attempt, (kind, _jsonable(data)))
+            states.touch_running(session, self.job, self.attempt, (kind, _jsonable(data)), **values)
 
     def _past_deadline(self) -> bool:
         return time.monotonic() > self._deadline

@@ -9,19 +9,52 @@ import itertools
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
-from .records import Example
+from .records import DEFAULT_TASK, Example
+
+# A mixture entry's task that takes each record's task from its label.
+FROM_RECORDS = "from_records"
+
+
+class TaskNotInRecords(ValueError):
+    """A mixture entry names a task that none of its file's labelled records carries."""
+
+    def __init__(self, task: str, labels: Sequence[str]):
+        shown = ", ".join(repr(label) for label in sorted(labels)[:20])
+        super().__init__(f"no record carries task {task!r}; the file's task labels are {shown} (or use {FROM_RECORDS!r})")
+        self.task = task
+        self.labels = list(labels)
+
+
+def entry_tasks(label_counts: Mapping[str, int], task: str) -> dict[str, str]:
+    """The tasks a mixture entry trains, each mapped to the label of its records
+    (``DEFAULT_TASK`` for records without one), from the file's records per label.
+
+    ``FROM_RECORDS``: one task per label. A file with no labelled record: all its records
+    are ``task``. Otherwise ``task`` must be one of the labels, and only its records are
+    used; else `TaskNotInRecords`."""
+    if task == FROM_RECORDS:
+        return {label: label for label in label_counts}
+    labelled = [label for label in label_counts if label != DEFAULT_TASK]
+    if not labelled:
+        return {task: DEFAULT_TASK}
+    if task in label_counts:
+        return {task: task}
+    raise TaskNotInRecords(task, labelled)
+
+
+def label_of(example: Example) -> str:
+    return example.task or DEFAULT_TASK
 
 
 @dataclass
 class MixtureSource:
-    """One dataset of a mixture.
+    """One task of a mixture.
 
-    ``task`` names every example drawn from this source: a record's own ``task`` field is
-    ignored for sampling, because the mixture entry is what the user configured for this run
-    (and task names must be unique across the mixture, while a file's labels need not be).
-    ``validation`` is the held-out set (given, or made with ``split_validation``).
+    ``task`` names every example drawn from this source: the mixture entry's task, or with
+    ``FROM_RECORDS`` the records' label (`entry_tasks`); task names are unique across the
+    mixture. ``validation`` is the held-out set (given, or made with ``split_validation``).
     """
 
     examples: list[Example]

@@ -21,7 +21,8 @@ from typing import Any, BinaryIO
 
 SHAPES = ("prompt_completion", "alpaca", "chat")
 CHAT_ROLES = ("system", "user", "assistant")
-DEFAULT_TASK = "default"  # summary key for records without a task
+DEFAULT_TASK = "default"  # summary key (and task, when labels are used) of records without a task
+MAX_TASK_CHARS = 100  # a task label's length, as a mixture's task name
 
 _SHOWN_ERRORS = 20
 _JSON_WHITESPACE = b" \t\r\n"
@@ -564,9 +565,20 @@ def _chat(record: dict, task: str | None, max_messages: int | None, problems: li
 
 
 def _task(record: dict, problems: list) -> str | None:
-    """The record's ``task`` (``task_type`` is accepted as an alias, as Alpaca-style sets use)."""
+    """The record's task label: its ``task`` (``task_type`` is accepted as an alias, as
+    Alpaca-style sets use) as a string; an integer stands for its decimal string (HydraLoRA's
+    sets number their tasks), and null, an empty or a blank string mean no label."""
     name = "task" if "task" in record else "task_type"
-    if record.get(name) is None:
+    value = record.get(name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        problems.append((name, f"must be a string or an integer, got {_json_type(value)}"))
+        return None
+    if len(value) > MAX_TASK_CHARS:
+        problems.append((name, f"a task label has at most {MAX_TASK_CHARS} characters, got {len(value)}"))
         return None
     return _string(record, name, problems)
 

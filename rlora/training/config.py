@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..adapter.config import AdapterConfig, AdapterConfigError
+from ..data.mixture import FROM_RECORDS
 
 
 class TrainingSettings(BaseModel):
@@ -77,7 +78,8 @@ class MixtureEntry(BaseModel):
     weight: float = Field(1.0, gt=0, description="relative sampling weight")
     task: str = Field(
         min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$",
-        description="the task's name: evaluation and routing are reported per task",
+        description=f"the task of this dataset's records: a name, or {FROM_RECORDS!r} for each record's own task label "
+        "(records without one: 'default'); a name the file's labelled records do not carry is an error",
     )
     validation_path: str | None = Field(None, description="held-out set; otherwise validation_share of path")
 
@@ -107,6 +109,8 @@ class TrainConfig(BaseModel):
     def _unique_tasks(cls, value: list[MixtureEntry]) -> list[MixtureEntry]:
         seen: set[str] = set()
         for entry in value:
+            if entry.task == FROM_RECORDS:
+                continue  # its tasks are its records' labels, checked as the files are read
             if entry.task in seen:
                 raise ValueError(f"task {entry.task!r} appears twice; give each dataset its own task name")
             seen.add(entry.task)

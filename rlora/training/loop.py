@@ -21,6 +21,7 @@ import os
 import random
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -49,6 +50,7 @@ from ..data import (
     split_validation,
     steps_for_epochs,
 )
+from ..data.mixture import TaskNotInRecords, entry_tasks, label_of
 from .checkpoint import (
     ADAPTER_DIR,
     METRICS_FILE,
@@ -112,7 +114,10 @@ def train(
             raise different_run_error(output_dir, "a finished run")
         return finished
 
-    # 1. Model, tokenizer and adapter.
+    # 1. Model, tokenizer and adapter. What the run is doing is announced as a "phase" event
+    # as each part begins: "preparing" (model and data), "training" (the loop), "evaluating"
+    # (the final evaluation), "saving" (the adapter and metrics).
+    emit("phase", {"phase": "preparing"})
     device = _device(settings.device)
     bf16 = settings.precision == "bfloat16" or (
         settings.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -168,6 +173,7 @@ def train(
     # 5. The loop: one optimizer step per iteration, gradient accumulation inside. A stop is
     # honoured between examples encoded and between micro-batches, not only between steps:
     # a big step is minutes of work. The step it interrupts is redone from the checkpoint.
+    emit("phase", {"phase": "training", "step": state.step})
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     while state.step < total_steps:
@@ -221,6 +227,7 @@ def train(
     # 6. Evaluate every task, describe the heads, write the adapter and the metrics. Compiled
     # layers run eagerly here: generation changes shape every token and the routing observer
     # is a Python hook in the layer, recompilations for a pass that runs once.
+    emit("phase", {"phase": "evaluating", "step": state.step})
     model.eval()
     with torch.compiler.set_stance("force_eager"):
         evaluation = evaluate(model, tokenizer, sources, settings, device, check_stop=lambda: check_stop(" while evaluating"))
@@ -249,24 +256,45 @@ def train(
         "compiled": compiled,
     }
     check_stop(" before saving")
+    emit("phase", {"phase": "saving", "step": state.step})
     save(model, output_dir / ADAPTER_DIR, base_model_name=config.base_model)
     write_atomically(output_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     return metrics
 
 
 def load_mixture(config: TrainConfig) -> list[MixtureSource]:
-    """Read every dataset of the mixture and hold out each task's validation set."""
-    sources = []
-    for entry in config.mixture:
+    """Read every dataset of the mixture, one source per task (an entry may take its tasks
+    from its records' labels: `entry_tasks`), and hold out each task's validation set.
+
+    An entry's weight is its share of the draws, split across its tasks by their record
+    counts. A ValueError names the entry (``mixture[i].task``) whose task no record carries,
+    or whose records' task is another entry's too."""
+    sources: list[MixtureSource] = []
+    owner: dict[str, int] = {}
+    for index, entry in enumerate(config.mixture):
         examples = load_dataset(entry.path)
-        if entry.validation_path:
-            validation = load_dataset(entry.validation_path)
-        else:
-            # A seed per task, so tasks with equal sizes do not hold out the same positions.
-            examples, validation = split_validation(
-                examples, config.training.validation_share, _task_seed(config.training.seed, entry.task)
-            )
-        sources.append(MixtureSource(examples=examples, weight=entry.weight, task=entry.task, validation=validation))
+        validation_file = load_dataset(entry.validation_path) if entry.validation_path else None
+        try:
+            tasks = entry_tasks(Counter(label_of(e) for e in examples), entry.task)
+        except TaskNotInRecords as err:
+            raise ValueError(f"mixture[{index}].task: {err}") from None
+        groups = {task: [e for e in examples if label_of(e) == label] for task, label in tasks.items()}
+        total = sum(len(group) for group in groups.values())
+        for task, label in tasks.items():
+            if task in owner:
+                raise ValueError(f"mixture[{index}].task: task {task!r} is also the task of mixture[{owner[task]}]")
+            owner[task] = index
+            train = groups[task]
+            if validation_file is not None:
+                labelled = any(example.task for example in validation_file)
+                validation = [e for e in validation_file if label_of(e) == label] if labelled else validation_file
+            else:
+                # A seed per task, so tasks with equal sizes do not hold out the same positions.
+                train, validation = split_validation(
+                    train, config.training.validation_share, _task_seed(config.training.seed, task)
+                )
+            weight = entry.weight * len(groups[task]) / total
+            sources.append(MixtureSource(examples=train, weight=weight, task=task, validation=validation))
     return sources
 
 

@@ -18,7 +18,7 @@ from service.api.inference import close_engine
 from service.api.openapi import install_openapi
 from service.api.openai_schemas import error_responses as openai_error_responses
 from service.api.tgi import error_responses as tgi_error_responses
-from service.api.routes import adapters, admin, files, generate, health, jobs, keys, metrics, models, openai_inference, openai_jobs, usage
+from service.api.routes import adapters, admin, dashboard, files, generate, health, jobs, keys, metrics, models, openai_inference, openai_jobs, usage
 from service.api.schemas import error_responses
 from service.api.security_headers import SecurityHeadersMiddleware
 from service.api.telemetry import TelemetryMiddleware
@@ -94,6 +94,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.include_router(generate.router, responses=tgi_error_responses(401, 404, 408, 410, 413, 415, 422, 429, 503))
     for module in (openai_jobs, openai_inference):
         app.include_router(module.router, responses=openai_error_responses(400, 401, 403, 404, 408, 409, 410, 413, 415, 429, 503))
+    app.include_router(dashboard.router)
+    app.mount(f"{dashboard.PREFIX}/static", dashboard.static_files, name="dashboard-static")
     if settings.admin_token:
         app.include_router(admin.router, responses=error_responses(401, 404, 408, 409, 413, 415, 422, 503))
     install_openapi(app, settings)

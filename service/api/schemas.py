@@ -82,6 +82,9 @@ class JobOut(BaseModel):
     training: dict[str, Any]
     cancel_requested: bool
     attempt: int
+    phase: str | None = Field(
+        None, description="what a running job is doing: preparing, training, evaluating or saving (null unless running)"
+    )
     progress: Progress | None
     metrics: dict[str, Any] | None
     adapter_id: str | None

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from rlora.adapter.config import AdapterConfig, AdapterConfigError
 from rlora.basemodels import list_base_models, resolve_base_model
-from rlora.data.mixture import held_out_count
+from rlora.data.mixture import TaskNotInRecords, entry_tasks, held_out_count
 from rlora.training.config import MixtureEntry, TrainConfig, TrainingSettings
 from rlora.training.limits import TrainingLimits, limit_problems
 from service.ids import could_exist
@@ -128,13 +128,32 @@ def _limit_problems(settings: Settings, config: TrainConfig, job: Job, files: Ma
     base_model = resolve_base_model(config.base_model, settings.models_dir, settings.cache_dir)
     train_examples = 0
     for item in job.mixture:
-        records = files[item["file_id"]].records
-        held_out = 0 if item.get("validation_file_id") else held_out_count(records, config.training.validation_share)
-        train_examples += records - held_out
+        labels = files[item["file_id"]].tasks
+        for label in entry_tasks(labels, item["task"]).values():
+            records = labels[label]
+            held_out = 0 if item.get("validation_file_id") else held_out_count(records, config.training.validation_share)
+            train_examples += records - held_out
     # The library's limits are the settings of the same names.
     limits = TrainingLimits(**{field.name: getattr(settings, field.name) for field in fields(TrainingLimits)})
     found = limit_problems(config.training, config.adapter_config, base_model, train_examples, limits)
     return [{"field": problem.field, "message": problem.message} for problem in found]
+
+
+def _task_problems(mixture: list[dict[str, Any]], files: Mapping[str, File]) -> list[dict[str, Any]]:
+    """Each entry's task against its file's labels (from the upload's summary, as the trainer
+    reads them: `entry_tasks`): a task no record carries, or one two entries train."""
+    problems, owner = [], {}
+    for index, item in enumerate(mixture):
+        try:
+            tasks = entry_tasks(files[item["file_id"]].tasks, item["task"])
+        except TaskNotInRecords as err:
+            problems.append({"field": f"mixture[{index}].task", "message": f"file {item['file_id']}: {err}"})
+            continue
+        for task in tasks:
+            if task in owner and owner[task] != index:
+                problems.append({"field": f"mixture[{index}].task", "message": f"task {task!r} is also the task of mixture[{owner[task]}]"})
+            owner.setdefault(task, index)
+    return problems
 
 
 def check_job(session: Session, settings: Settings, tenant_id: str, request: JobRequest) -> CheckedJob:
@@ -180,7 +199,7 @@ def check_job(session: Session, settings: Settings, tenant_id: str, request: Job
         except JobInputError as err:  # a file deleted while this request was being checked
             problems.append({"field": "mixture", "message": str(err)})
         else:
-            problems += _limit_problems(settings, config, job, files)
+            problems += _task_problems(mixture, files) or _limit_problems(settings, config, job, files)
     if problems:
         raise InvalidJobRequest(problems)
     return CheckedJob(job=job, file_ids=sorted(wanted))

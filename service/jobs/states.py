@@ -83,6 +83,7 @@ def transition(
         raise InvalidTransition(job_id, expected, new)
     if new in TERMINAL:
         values.setdefault("finished_at", utcnow())
+    values.setdefault("phase", None)  # a phase is a running attempt's; the trainer sets it
     conditions = _attempt_is(attempt)
     if new == Status.SUCCEEDED or (expected, new) == (Status.RUNNING, Status.QUEUED):
         conditions += (Job.cancel_requested.is_(False),)
@@ -117,7 +118,9 @@ def start(session: Session, job_id: str, worker: str) -> int | None:
         return None
     attempt = job.attempt + 1
     now = utcnow()
-    values = dict(status=Status.RUNNING, attempt=attempt, worker=worker, heartbeat_at=now, started_at=job.started_at or now)
+    values = dict(
+        status=Status.RUNNING, attempt=attempt, worker=worker, heartbeat_at=now, started_at=job.started_at or now, phase=None,
+    )
     if not _set_if(session, job_id, Status.QUEUED, values, *_attempt_is(job.attempt)):
         return None
     # The worker's name (host and process) stays in the job row and the logs: events are the tenant's.
