@@ -13,8 +13,9 @@ INSTALLED := $(VENV)/.installed
 
 install: $(INSTALLED)
 
+# A failed venv (Debian without python3-venv) is removed, or the next make would take it as made.
 $(VENV_PYTHON):
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "$(PYTHON) -m venv failed: install its venv module (Debian: python3-venv)"; exit 1; }
 
 # torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
 $(INSTALLED): pyproject.toml | $(VENV_PYTHON)

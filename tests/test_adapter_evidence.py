@@ -81,7 +81,7 @@ def test_a_finished_runs_metrics_carry_the_evidence(tmp_path, tiny_model_path):
         for w in words for task in ("rev", "up")
     ))
     config = TrainConfig(
-        base_model="tiny", mixture=[{"path": str(mixed), "task": "mixed"}],
+        base_model="tiny", mixture=[{"path": str(mixed), "task": "from_records"}],
         adapter={"method": "rlora", "heads": 3, "rank": 4, "target_modules": ["gate_proj", "down_proj"]},
         training=dict(max_steps=6, batch_size=4, learning_rate=5e-3, max_seq_len=32, eval_max_examples=16,
                       eval_max_new_tokens=4, checkpoint_every=100),

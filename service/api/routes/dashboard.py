@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Connection, select
 
+from service.api import plots
 from service.api.auth import AuthenticatedTenant, TenantReader
 from service.api.errors import APIError
 from service.api.routes.jobs import JOB_ROWS, job_out, job_picture, read_job_metrics, read_job_row
@@ -135,7 +136,7 @@ async def job_page(request: Request, job_id: str) -> HTMLResponse:
     final = metrics.metrics or {}
     # Only the pictures there is data for: no broken images while a job waits.
     pictures = (["loss"] if metrics.train_loss else []) + (["head_similarity"] if job.adapter_id else []) + (
-        ["routing"] if final.get("routing") else []
+        ["routing"] if plots.routing_by_task(final) else []
     )
     return _page(
         request, "job.html", tenant=tenant, job=job, events=events, pictures=pictures, evaluation=final.get("eval") or {},
