@@ -151,10 +151,24 @@ def test_the_workflow_from_upload_to_chat(rlora, tmp_path):
     tokens = whole.json()["details"]["tokens"]
     assert out == "".join(t["text"] for t in tokens if not t["special"]) + "\n"
 
+    # A conversation: each answer is the chat route's greedy answer to every turn so far (the
+    # empty line skipped); --no-history sends each line alone.
     code, out, err = rlora("chat", "--adapter", adapter_id, "--max-new-tokens", "3", stdin="1+1=\n\n2+2=\n")
-    assert code == 0 and len(out.splitlines()) == 2  # one answer a prompt; the empty line skipped
+    assert code == 0 and len(out.splitlines()) == 2, err
+    first, second = out.splitlines()
+
+    def chat(messages):
+        with httpx.Client(base_url=os.environ["RLORA_API_URL"], headers={"Authorization": f"Bearer {os.environ['RLORA_API_KEY']}"}) as api:
+            reply = api.post("/v1/chat/completions", json={"model": adapter_id, "messages": messages, "max_tokens": 3, "temperature": 0})
+        return reply.json()["choices"][0]["message"]["content"]
+
+    user = [{"role": "user", "content": "1+1="}]
+    assert first == chat(user)
+    assert second == chat([*user, {"role": "assistant", "content": first}, {"role": "user", "content": "2+2="}])
+    code, out, err = rlora("chat", "--adapter", adapter_id, "--max-new-tokens", "3", "--no-history", stdin="1+1=\n2+2=\n")
+    assert code == 0 and out.splitlines() == [first, chat([{"role": "user", "content": "2+2="}])]
     code, out, err = rlora("chat", "--adapter", "adapter-none", stdin="1+1=\n")
-    assert code == 1 and "no adapter 'adapter-none'" in err and "[HTTP 404 not_found]" in err
+    assert code == 1 and "adapter-none" in err and "[HTTP 404 model_not_found]" in err, err
 
 
 def test_watch_exit_codes_for_a_failed_and_a_cancelled_job(rlora, tmp_path):

@@ -106,8 +106,10 @@ def add_client_commands(
     generate.add_argument("prompt", help="the prompt; - reads it from stdin")
     generate.set_defaults(run=_generate)
     chat = commands.add_parser(
-        "chat", parents=[connection, sampling], help="interactive: each line you type is a prompt, answered as it is generated",
+        "chat", parents=[connection, sampling],
+        help="interactive: each line you type is the next turn of a conversation (the model's chat template), answered as it is generated",
     )
+    chat.add_argument("--no-history", dest="history", action="store_false", help="send each line alone, without the earlier turns")
     chat.set_defaults(run=_chat)
 
     keys = group_of("keys", "your tenant's API keys (operators: rlora key)")
@@ -424,13 +426,22 @@ def _generate(args: argparse.Namespace, client: ApiClient) -> int:
 
 
 def _chat(args: argparse.Namespace, client: ApiClient) -> int:
-    """Each line read is a prompt of its own (the adapters here learn single prompt/answer
-    pairs), answered as it is generated; an empty line is skipped, end of input ends it. A
-    refused prompt prints the server's message and the chat goes on."""
-    parameters = _parameters(args)
+    """A conversation through /v1/chat/completions (the base model's chat template, as the
+    adapter was trained): each line read is the next user turn, answered as it is generated,
+    the earlier turns sent with it (``--no-history``: each line alone). An empty line is
+    skipped, end of input ends it. A refused turn prints the server's message, is left out of
+    the conversation, and the chat goes on."""
+    model = args.adapter or (client.base_models() or [None])[0]
+    if model is None:
+        raise ApiError(404, "not_found", "the service lists no base model to chat with")
+    request: dict[str, Any] = {"model": model, "max_tokens": args.max_new_tokens, "temperature": args.temperature or 0.0}
+    for name in ("top_p", "seed", "stop"):
+        if getattr(args, name) is not None:
+            request[name] = getattr(args, name)
     interactive = sys.stdin.isatty()
     if interactive:
-        note(f"chatting with {args.adapter or 'the base model'} at {client.api_url}; Ctrl-D ends")
+        note(f"chatting with {model} at {client.api_url}; Ctrl-D ends")
+    messages: list[dict[str, str]] = []
     refused = False
     while True:
         if interactive:
@@ -442,14 +453,23 @@ def _chat(args: argparse.Namespace, client: ApiClient) -> int:
         prompt = line.rstrip("\n")
         if not prompt.strip():
             continue
+        turn = [*(messages if args.history else []), {"role": "user", "content": prompt}]
+        answer = []
         try:
-            _stream(client, prompt, parameters)
+            for text in client.chat_stream({**request, "messages": turn}):
+                answer.append(text)
+                sys.stdout.write(text)
+                sys.stdout.flush()
         except ApiError as err:
             sys.stdout.write("\n")
             note(f"error: {err.message} [HTTP {err.status} {err.code}]")
             if err.status == 401:
                 raise
             refused = True
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages = [*turn, {"role": "assistant", "content": "".join(answer)}]
 
 
 # --- keys ------------------------------------------------------------------------------------

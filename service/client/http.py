@@ -34,7 +34,8 @@ class ApiError(Exception):
             error = body["error"]
             if isinstance(error, str):  # the TGI routes answer in TGI's shape: {"error", "error_type", ...}
                 return cls(response.status_code, body.get("code") or body.get("error_type", ""), error, body.get("field"))
-            return cls(response.status_code, error.get("code") or "", error["message"], error.get("field"))
+            # The service's shape names the field `field`; OpenAI's (its /v1 routes) `param`.
+            return cls(response.status_code, error.get("code") or "", error["message"], error.get("field") or error.get("param"))
         except (ValueError, KeyError, TypeError, AttributeError):  # not the service's shape: a proxy, another server
             text = response.text.strip()[:200] or response.reason_phrase
             return cls(response.status_code, "http_error", f"HTTP {response.status_code}: {text}")
@@ -149,21 +150,44 @@ class ApiClient:
     def generate_stream(self, inputs: str, parameters: dict[str, Any]) -> Iterator[dict]:
         """TGI's /generate_stream: each server-sent event's data, one per token, the last with
         ``generated_text``. An error event (the stream had begun) is raised as an `ApiError`."""
-        body = {"inputs": inputs, "parameters": parameters}
+        for event in self._server_sent_events("/generate_stream", {"inputs": inputs, "parameters": parameters}):
+            if "error" in event:
+                raise ApiError(200, event.get("error_type") or "generation", event["error"])
+            yield event
+
+    def chat_stream(self, body: dict[str, Any]) -> Iterator[str]:
+        """OpenAI's /v1/chat/completions, streamed: the text of each chunk as it comes. An error
+        event (the stream had begun) is raised as an `ApiError`."""
+        for event in self._server_sent_events("/v1/chat/completions", {**body, "stream": True}):
+            if "error" in event:
+                error = event["error"]
+                raise ApiError(200, error.get("code") or "generation", error.get("message", ""), error.get("param"))
+            for choice in event.get("choices", []):
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    yield text
+
+    def _server_sent_events(self, path: str, body: dict[str, Any]) -> Iterator[dict]:
+        """The data of each server-sent event of a streamed POST, until the stream ends (or
+        OpenAI's ``[DONE]``); a refusal before the stream began is an `ApiError`."""
         try:
-            with self._http.stream("POST", "/generate_stream", json=body, timeout=STREAM_TIMEOUT) as response:
+            with self._http.stream("POST", path, json=body, timeout=STREAM_TIMEOUT) as response:
                 if response.is_error:
                     response.read()
                     raise ApiError.of(response)
                 for line in response.iter_lines():
                     if not line.startswith("data:"):
                         continue  # blank separators, comments
-                    event = json.loads(line[len("data:"):])
-                    if "error" in event:
-                        raise ApiError(response.status_code, event.get("error_type") or "generation", event["error"])
-                    yield event
+                    data = line[len("data:"):].strip()
+                    if data == "[DONE]":
+                        return
+                    yield json.loads(data)
         except httpx.TransportError as err:
             raise ServiceUnreachable(f"the stream from {self.api_url} broke off: {err or type(err).__name__}") from None
+
+    def base_models(self) -> list[str]:
+        """The base models the service serves, as /v1/models lists them (adapters left out)."""
+        return [model["id"] for model in self._json("GET", "/v1/models")["data"] if model.get("owned_by") == "system"]
 
     # --- keys ------------------------------------------------------------------------------
 
