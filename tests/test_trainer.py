@@ -1,5 +1,6 @@
 """The trainer: learning, exact resume, cancellation, outputs, and `rlora train`."""
 
+import hashlib
 import json
 import math
 import random
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlora.training import Progress, TrainConfig, TrainingCancelled, read_train_config, train
-from rlora.training.checkpoint import latest_checkpoint
+from rlora.training.checkpoint import latest_checkpoint, run_fingerprint
 from service.cli import main as rlora_command
 
 
@@ -128,6 +129,40 @@ def test_killed_run_resumes_to_the_same_adapter(datasets, tmp_path, tiny_model_p
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5)
     assert resumed["eval"] == straight["eval"]
+
+
+def test_a_checkpoint_of_the_previous_adapter_format_resumes_with_its_layer(datasets, tmp_path, tiny_model_path):
+    """A run checkpointed before router_init existed (zero router, mean-head correction, no
+    router0 saved; its fingerprint of a config without router_init) resumes, after an upgrade,
+    with the layer it began with; a new run of the same config gets the routed correction."""
+    def with_adapter(output_dir, **adapter):
+        config = make_config(datasets, output_dir)
+        return config.model_copy(update={"adapter": {**config.adapter, **adapter}})
+
+    straight = run(with_adapter(tmp_path / "straight", router_init="zero"), tiny_model_path)
+    old_dir = tmp_path / "old"
+    with pytest.raises(Crash):
+        run(with_adapter(old_dir, router_init="zero"), tiny_model_path,
+            on_progress=lambda p: (_ for _ in ()).throw(Crash()) if p.step == 6 else None)
+    checkpoint = latest_checkpoint(old_dir)
+    assert not any(name.endswith(".router0") for name in load_file(checkpoint / "adapter.safetensors"))
+    # What the previous version wrote: its fingerprint of the config, whose adapter had no router_init.
+    upgraded = with_adapter(old_dir)
+    previous = upgraded.model_dump(exclude={"output_dir": True, "training": {"compile"}, "adapter": {"router_init"}})
+    previous_run = hashlib.sha256(json.dumps(previous, sort_keys=True).encode()).hexdigest()[:16]
+    state = json.loads((checkpoint / "state.json").read_text())
+    (checkpoint / "state.json").write_text(json.dumps({**state, "run": previous_run}))
+
+    resumed = run(upgraded, tiny_model_path)
+    assert resumed["run"] == previous_run != run_fingerprint(upgraded)
+    assert run(upgraded, tiny_model_path) == resumed  # and, finished, it is that run's result
+    assert [p["loss"] for p in resumed["train_loss"]] == pytest.approx([p["loss"] for p in straight["train_loss"]], abs=1e-5)
+    assert json.loads((old_dir / "adapter" / "adapter_config.json").read_text())["router_init"] == "zero"
+    for name, tensor in adapter_tensors(tmp_path / "straight").items():
+        torch.testing.assert_close(adapter_tensors(old_dir)[name], tensor, rtol=0, atol=1e-5)
+    # A new run of the same config (no checkpoint) starts with the routed correction.
+    fresh = run(with_adapter(tmp_path / "fresh"), tiny_model_path)
+    assert fresh["steps"] == 12 and any(name.endswith(".router0") for name in adapter_tensors(tmp_path / "fresh"))
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(datasets, tmp_path, tiny_model_path):

@@ -16,12 +16,13 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..adapter.config import AdapterConfig
 from ..adapter.folder import adapter_state_dict, load_adapter_state_dict
 from ..data import MixtureSampler
 from .config import TrainConfig
@@ -69,7 +70,10 @@ def run_fingerprint(config: TrainConfig) -> str:
     but output_dir and training.compile. Compiling changes how the steps run, not what they
     compute (within float rounding), so a run may resume with it switched; and runs
     checkpointed before the setting existed keep their fingerprint."""
-    described = config.model_dump(exclude={"output_dir": True, "training": {"compile"}})
+    return _digest(config.model_dump(exclude={"output_dir": True, "training": {"compile"}}))
+
+
+def _digest(described: dict) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -108,6 +112,31 @@ def save_checkpoint(output_dir: Path, state: TrainState, run_id: str) -> Path:
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = sorted((output_dir / CHECKPOINTS).glob("step-*"))
     return found[-1] if found else None
+
+
+def resumed_run(config: TrainConfig, output_dir: Path) -> tuple[str, AdapterConfig]:
+    """This run's fingerprint and the adapter it attaches. A run that the previous version
+    began in ``output_dir`` (a checkpoint or a finished run under the fingerprint it gave this
+    config: the same, but with no ``router_init`` in the adapter) is that run, and goes on with
+    the layer it began with: ``router_init="zero"`` for random heads (adapter format 1's only
+    router), the config's own for zero heads (the same layer then and now). So a job that an
+    upgrade interrupted resumes rather than failing on its checkpoint."""
+    run_id, adapter_config = run_fingerprint(config), config.adapter_config
+    started = _started_run(output_dir)
+    if started is None or started == run_id or adapter_config.router_init != "kaiming":
+        return run_id, adapter_config
+    previous = config.model_dump(exclude={"output_dir": True, "training": {"compile"}, "adapter": {"router_init"}})
+    if started != _digest(previous):
+        return run_id, adapter_config  # another run: restore refuses it
+    return started, replace(adapter_config, router_init="zero") if adapter_config.uses_random_init else adapter_config
+
+
+def _started_run(output_dir: Path) -> str | None:
+    """The fingerprint of the run in ``output_dir``: finished, or its last checkpoint's."""
+    if (output_dir / METRICS_FILE).exists() and (output_dir / ADAPTER_DIR).exists():
+        return json.loads((output_dir / METRICS_FILE).read_text()).get("run")
+    checkpoint = latest_checkpoint(output_dir)
+    return None if checkpoint is None else json.loads((checkpoint / "state.json").read_text()).get("run")
 
 
 def restore(path: Path, state: TrainState, run_id: str) -> None:

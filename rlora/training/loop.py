@@ -58,7 +58,7 @@ from .checkpoint import (
     different_run_error,
     latest_checkpoint,
     restore,
-    run_fingerprint,
+    resumed_run,
     save_checkpoint,
     write_atomically,
 )
@@ -107,7 +107,7 @@ def train(
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda kind, data: None)
-    run_id = run_fingerprint(config)
+    run_id, adapter_config = resumed_run(config, output_dir)
     if (output_dir / METRICS_FILE).exists() and (output_dir / ADAPTER_DIR).exists():
         finished = json.loads((output_dir / METRICS_FILE).read_text())
         if finished.get("run") != run_id:
@@ -127,7 +127,7 @@ def train(
     too_long = context_problem(settings, model.config)
     if too_long is not None:
         raise ValueError(f"{too_long.field}: {too_long.message}")
-    attach(model, config.adapter_config)
+    attach(model, adapter_config)
     start_heads = initial_heads(model)  # B(0), before a resumed run restores trained heads
     model.to(device)
     if settings.gradient_checkpointing:
