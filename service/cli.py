@@ -208,7 +208,10 @@ def _train(settings: Settings, config_path: str) -> int:
         bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.learning_rate:.2e}", tok_s=f"{p.tokens_per_second:.0f}", refresh=False)
         bar.refresh()
 
+    events = []  # a run found finished returns its results at once, announcing no phase
+
     def event(kind: str, data: dict) -> None:
+        events.append(kind)
         if kind == "resumed":
             bar.write(f"resuming from the checkpoint at step {data['step']}", file=sys.stderr)
 
@@ -224,6 +227,8 @@ def _train(settings: Settings, config_path: str) -> int:
         print(f"rlora train: failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     bar.close()
+    if not events:
+        print(f"rlora train: {config.output_dir} holds this run already finished; its results:", file=sys.stderr)
     print(json.dumps({"output_dir": config.output_dir, "steps": metrics["steps"], "eval": metrics["eval"],
                       "head_similarity": metrics["head_similarity"]["mean"]}, indent=2))
     return 0

@@ -285,6 +285,9 @@ def test_rlora_train_command_end_to_end_resumes_after_a_kill(datasets, tmp_path,
     assert "resuming from the checkpoint at step" in finished.stderr
     summary = json.loads(finished.stdout)
     assert summary["steps"] == 150 and set(summary["eval"]) == {"reverse", "answer"}
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(again.stdout) == summary
+    assert "holds this run already finished" in again.stderr and "resuming" not in again.stderr
 
 
 def test_eval_keeps_truncated_prompts_and_counts_answers_over_the_limit(datasets, tmp_path, tiny_model_path):
