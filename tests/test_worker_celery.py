@@ -182,11 +182,14 @@ def test_a_stopped_worker_gives_its_job_back_at_once(worker_env, uninterrupted_j
 
 
 def test_a_cancel_during_the_final_evaluation_ends_the_job_cancelled(worker_env, worker):
-    # Two steps, then a long evaluation: 60 validation examples, greedy answers of 48 tokens.
+    # Two steps, then a long evaluation: 256 validation examples (the limit) one at a time. Its length must
+    # not hang on how soon the model ends its answers (the pretrained default answers `add`
+    # problems in two or three tokens), only on the number of examples: over the second the
+    # worker may take to see the cancel.
     file_id = upload(worker_env.client, worker_env.headers, dataset(600)).json()["id"]
-    body = job_body(file_id, max_steps=2, eval_max_examples=100, eval_max_new_tokens=48)
+    body = job_body(file_id, max_steps=2, batch_size=1, validation_share=0.5, eval_max_examples=256, eval_max_new_tokens=48)
     job_id = worker_env.client.post("/v1/jobs", headers=worker_env.headers, json=body).json()["id"]
-    wait_for(lambda: (worker_env.job(job_id)["progress"] or {}).get("step") == 2, 180, 0.05, "the last training step")
+    wait_for(lambda: worker_env.job(job_id)["phase"] == "evaluating", 180, 0.05, "the final evaluation")
     response = worker_env.client.post(f"/v1/jobs/{job_id}/cancel", headers=worker_env.headers).json()
     assert response["status"] == "running" and response["cancel_requested"], response
     job = worker_env.wait_status(job_id, {"succeeded", "failed", "cancelled"}, 60)
