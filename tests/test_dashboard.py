@@ -111,6 +111,18 @@ def _chromium_driver():
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
 
 
+def _follow(driver, element) -> None:
+    """Click a link or a form's button and wait for the next page: a click returns before the
+    browser has navigated, and the old page's elements would be read."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    page = driver.find_element("tag name", "html")
+    element.click()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def test_the_dashboard_in_a_real_browser(service_settings, tmp_path_factory):
     from selenium.webdriver.common.by import By
 
@@ -139,13 +151,13 @@ def test_the_dashboard_in_a_real_browser(service_settings, tmp_path_factory):
 
             driver.get(f"{url}/")
             driver.find_element(By.NAME, "key").send_keys(keys["alice"])
-            driver.find_element(By.CSS_SELECTOR, "form.login button").click()
+            _follow(driver, driver.find_element(By.CSS_SELECTOR, "form.login button"))
             rows = driver.find_elements(By.CSS_SELECTOR, "tr.job")
             assert [row.get_attribute("data-job-id") for row in rows] == [jobs["alice"]]
             assert "succeeded" in rows[0].text
             assert driver.execute_script("return document.cookie") == "", "the key is out of scripts' reach"
 
-            driver.find_element(By.LINK_TEXT, jobs["alice"]).click()
+            _follow(driver, driver.find_element(By.LINK_TEXT, jobs["alice"]))
             assert driver.find_element(By.TAG_NAME, "h1").text == f"Job {jobs['alice']}"
             images = driver.find_elements(By.CSS_SELECTOR, "img.plot")
             assert {image.get_attribute("data-plot") for image in images} == {"loss", "head_similarity", "routing"}
@@ -160,7 +172,7 @@ def test_the_dashboard_in_a_real_browser(service_settings, tmp_path_factory):
             driver.get(f"{url}/ui/jobs/{jobs['bob']}")
             assert driver.find_element(By.TAG_NAME, "h1").text == f"No job {jobs['bob']}"
             driver.get(f"{url}/ui/")
-            driver.find_element(By.CSS_SELECTOR, "header form button").click()
+            _follow(driver, driver.find_element(By.CSS_SELECTOR, "header form button"))
             assert driver.find_elements(By.NAME, "key"), "signed out"
     finally:
         driver.quit()
