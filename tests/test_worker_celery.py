@@ -182,10 +182,10 @@ def test_a_stopped_worker_gives_its_job_back_at_once(worker_env, uninterrupted_j
 
 
 def test_a_cancel_during_the_final_evaluation_ends_the_job_cancelled(worker_env, worker):
-    # Two steps, then a long evaluation: 256 validation examples (the limit) one at a time. Its length must
-    # not hang on how soon the model ends its answers (the pretrained default answers `add`
-    # problems in two or three tokens), only on the number of examples: over the second the
-    # worker may take to see the cancel.
+    # Two steps, then a long evaluation: 256 validation examples (the limit), one a batch. Its
+    # length rests on the number of examples, not on how soon the model ends its answers (the
+    # pretrained default answers `add` problems in two or three tokens), and is well over the
+    # second the worker may take to see the cancel.
     file_id = upload(worker_env.client, worker_env.headers, dataset(600)).json()["id"]
     body = job_body(file_id, max_steps=2, batch_size=1, validation_share=0.5, eval_max_examples=256, eval_max_new_tokens=48)
     job_id = worker_env.client.post("/v1/jobs", headers=worker_env.headers, json=body).json()["id"]
