@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton's kernels (rlora.kernels) run in its interpreter, read when Triton is
+# first imported: the kernels' tests check them against the PyTorch path on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # The service tests' fixtures (databases, apps, clients, tenants), shared as a plugin.
 pytest_plugins = ["conftest_service"]
 

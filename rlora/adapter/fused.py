@@ -32,6 +32,11 @@ computing grad A needs anyway), with input dropout ``x_d`` (once, whatever the h
                                                               dropout backward takes it to x)
 
 A0, W_r0 and B0 are frozen: no gradient. The base layer keeps its own autograd.
+
+With ``use_kernels`` (`rlora.kernels`: Triton on CUDA) the per-token work between the matmuls,
+forward and backward, is one kernel each way (`rlora.kernels.heads`): z is saved instead of h,
+w, h0 and w0, and the multi-head dropout masks are drawn from a seed, again in backward, instead
+of being kept. The matmuls are the same.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ class FusedAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_dropped, base_out, lora_A, lora_B, router, lora_A0, router0, lora_B0, head_keep,
-                keep_prob: float, scaling: float, compute_dtype: torch.dtype):
+                keep_prob: float, scaling: float, compute_dtype: torch.dtype, dropout_seed=None, use_kernels: bool = False):
         d_in, d_out = x.shape[-1], base_out.shape[-1]
         heads, rank = lora_B.shape[0], lora_B.shape[2]
         keep_scale = 1.0 / keep_prob
@@ -102,6 +107,21 @@ class FusedAdapter(torch.autograd.Function):
         head_keep2 = None if head_keep is None else head_keep.reshape(-1, heads, rank)
         reads = pack_reads(lora_A, router, lora_A0, router0, compute_dtype)
         writes = pack_writes(lora_B, lora_B0, scaling, base_out.dtype)
+        ctx.keep_prob, ctx.scaling, ctx.heads, ctx.rank = keep_prob, scaling, heads, rank
+        ctx.param_dtype = lora_A.dtype
+        ctx.use_kernels = use_kernels
+
+        if use_kernels:  # the per-token work in one Triton kernel; masks from dropout_seed
+            from ..kernels.heads import heads_forward
+
+            ctx.layout = head_layout(lora_B, router, lora_A0, router0, lora_B0)
+            z = x2 @ reads.T
+            delta_in, weights = heads_forward(z, dropout_seed, ctx.layout, keep_prob, base_out.dtype)
+            out = torch.addmm(base_out.reshape(-1, d_out), delta_in, writes.T)
+            ctx.save_for_backward(x, z, dropout_seed, reads, writes)
+            if weights is not None:
+                ctx.mark_non_differentiable(weights)
+            return out.view(base_out.shape), weights
 
         # Everything that reads x in one matmul; with input dropout A reads x_d in its own.
         if dropped2 is None:
@@ -137,8 +157,6 @@ class FusedAdapter(torch.autograd.Function):
         # The dropped input is saved once (in the compute dtype), whatever the number of heads:
         # grad A needs it, and recomputing it in backward cost more on an H200 than keeping it.
         ctx.save_for_backward(x, dropped2, h, weights, h0, weights0, head_keep2, reads, writes)
-        ctx.keep_scale, ctx.scaling, ctx.heads, ctx.rank = keep_scale, scaling, heads, rank
-        ctx.param_dtype = lora_A.dtype
         ctx.dropped_dtype = None if x_dropped is None else x_dropped.dtype
         if weights is not None:
             ctx.mark_non_differentiable(weights)
@@ -146,8 +164,10 @@ class FusedAdapter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_weights):
+        if ctx.use_kernels:
+            return _kernel_backward(ctx, grad_out)
         x, dropped2, h, weights, h0, weights0, head_keep2, reads, writes = ctx.saved_tensors
-        heads, rank, keep_scale, param_dtype = ctx.heads, ctx.rank, ctx.keep_scale, ctx.param_dtype
+        heads, rank, keep_scale, param_dtype = ctx.heads, ctx.rank, 1.0 / ctx.keep_prob, ctx.param_dtype
         needs_x, needs_dropped, _, needs_A, needs_B, needs_router = ctx.needs_input_grad[:6]
         routed = weights is not None
         trained_rows = rank + (heads if routed else 0)  # rows of `reads` with a gradient; A0 is frozen
@@ -208,4 +228,46 @@ class FusedAdapter(torch.autograd.Function):
                 torch.mm(d_z[:, rank:], reads[rank:], out=grad_x.view(-1, d_in))
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_dropped, grad_out, grad_A, grad_B, grad_router, None, None, None, None, None, None, None, None
+        return grad_x, grad_dropped, grad_out, grad_A, grad_B, grad_router, *_NO_GRADS
+
+
+# The gradients of the arguments after grad_router: frozen tensors, masks and settings.
+_NO_GRADS = (None,) * 9
+
+
+def head_layout(lora_B, router, lora_A0, router0, lora_B0):
+    """The kernels' view of a layer's columns (`rlora.kernels.heads.HeadLayout`)."""
+    from ..kernels.heads import HeadLayout
+
+    return HeadLayout(
+        rank=lora_B.shape[2], heads=lora_B.shape[0], routed=router is not None,
+        correction_rank=0 if lora_A0 is None else lora_A0.shape[0], correction_heads=correction_heads(lora_B0),
+        correction_routed=router0 is not None,
+    )
+
+
+def _kernel_backward(ctx, grad_out):
+    """`FusedAdapter.backward` with the per-token work in one Triton kernel (the matmuls are the
+    same): the masks are drawn again from the saved seed."""
+    from ..kernels.heads import heads_backward
+
+    x, z, dropout_seed, reads, writes = ctx.saved_tensors
+    needs_x, _, _, needs_A, needs_B, needs_router = ctx.needs_input_grad[:6]
+    layout, rank = ctx.layout, ctx.rank
+    trained_rows = rank + (layout.heads if layout.routed else 0)
+    d_in, d_out = x.shape[-1], grad_out.shape[-1]
+    g = grad_out.reshape(-1, d_out)
+    correction_grad = needs_x and reads.shape[0] > trained_rows
+    d_z, stacked = heads_backward(g @ writes, z, dropout_seed, layout, ctx.keep_prob, correction_grad, reads.dtype, g.dtype)
+
+    grad_A = grad_B = grad_router = grad_x = None
+    if needs_B:
+        grad_writes_t = (stacked.T @ g).float() * ctx.scaling  # (N*r, d_out), as the PyTorch path
+        grad_B = grad_writes_t.view(layout.heads, rank, d_out).transpose(1, 2).to(ctx.param_dtype, memory_format=torch.contiguous_format)
+    if needs_A or needs_router:
+        grad_trained = (d_z[:, :trained_rows].T @ x.reshape(-1, d_in).to(reads.dtype)).to(ctx.param_dtype)
+        grad_A, grad_router = grad_trained[:rank], grad_trained[rank:] if layout.routed else None
+    if needs_x:
+        rows = reads.shape[0] if correction_grad else trained_rows
+        grad_x = (d_z[:, :rows] @ reads[:rows]).view(x.shape).to(x.dtype)
+    return grad_x, None, grad_out, grad_A, grad_B, grad_router, *_NO_GRADS

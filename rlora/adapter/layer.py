@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import kernels
 from .config import AdapterConfig
 from .fused import FusedAdapter
 
@@ -88,15 +89,21 @@ class RLoRALinear(nn.Module):
         # entry kept for backward), on the input for lora, hydralora and rlora without MD
         # (dropout's own fused kernel each way, keeping a bool mask on every device). One draw
         # per forward in a fixed order, so a resumed run replays them from the saved RNG state.
-        x_dropped = head_keep = None
-        if p > 0 and self.multi_head_dropout:
+        # With the Triton kernels (rlora.kernels: on CUDA) multi-head dropout draws a seed, and
+        # the kernels draw the masks from it forward and again backward.
+        input_dropout = p > 0 and not self.multi_head_dropout
+        use_kernels = not input_dropout and kernels.enabled(x)
+        x_dropped = head_keep = dropout_seed = None
+        if p > 0 and self.multi_head_dropout and use_kernels:
+            dropout_seed = torch.randint(0, 2**62, (1,), device=x.device)
+        elif p > 0 and self.multi_head_dropout:
             head_keep = torch.empty((*x.shape[:-1], self.heads, self.rank), dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-        elif p > 0:
+        elif input_dropout:
             x_dropped, _ = torch.native_dropout(x, p, True)
 
         out, weights = FusedAdapter.apply(
             x, x_dropped, result, self.lora_A, self.lora_B, self.router, self.lora_A0, self.router0,
-            self.lora_B0, head_keep, 1.0 - p, self.scaling, compute_dtype,
+            self.lora_B0, head_keep, 1.0 - p, self.scaling, compute_dtype, dropout_seed, use_kernels,
         )
         if self.routing_observer is not None and weights is not None:
             self.routing_observer(self, weights.to(compute_dtype).view(*x.shape[:-1], self.heads))

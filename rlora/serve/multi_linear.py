@@ -23,6 +23,11 @@ row's input placed in its slot's columns (zeros elsewhere): the weights read gro
 adapters in the batch, not with the rows (the flops with both; both are small beside the base
 matmul). Padding is with zeros and the padded heads' bias is -inf, so a row's result is the
 eval-mode `RLoRALinear` function of its own adapter.
+
+On CUDA (`rlora.kernels`) the same delta runs as two Triton kernels instead, punica-style: a
+"shrink" of every row against its own slot and an "expand" with the router softmax inside, added
+into the base output in place (`rlora.kernels.multi_adapter`); a step that records routing keeps
+the PyTorch path.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
 from ..adapter.diagnostics import routing_entropy
 
 
@@ -101,6 +107,8 @@ class MultiAdapterLinear(nn.Module):
         x3 = x.reshape(batch, -1, x.shape[-1])
         if not torch.is_autocast_enabled(x.device.type):
             x3 = x3.to(table.reads.dtype)
+        if context.routing is None and kernels.enabled(x):
+            return self._forward_kernels(out, x3, table)
         r, nh, r0 = table.rank, table.heads, table.correction_rank
         k = table.reads.shape[1]
         if used == 1:  # every adapted row on slot 0: plain matmuls
@@ -136,6 +144,19 @@ class MultiAdapterLinear(nn.Module):
             stacked, writes = spread, table.writes[:used].reshape(used * w, -1)
         flat = out.reshape(-1, shape[-1])
         return torch.addmm(flat, stacked.reshape(flat.shape[0], -1), writes.to(out.dtype)).view(shape)
+
+    def _forward_kernels(self, out: torch.Tensor, x3: torch.Tensor, table: LayerTable) -> torch.Tensor:
+        """The same delta through the Triton kernels (`rlora.kernels.multi_adapter`): one launch
+        to shrink against every row's slot, one to expand into ``out`` in place."""
+        from ..kernels.multi_adapter import expand_, shrink
+
+        context = self.context
+        slots = context.row_slots if context.row_on is None else torch.where(context.row_on > 0, context.row_slots, -1)
+        row_tokens = x3.shape[1]
+        z = shrink(x3.reshape(-1, x3.shape[-1]), table.reads, slots, row_tokens)
+        expand_(out.view(-1, out.shape[-1]), z, table.writes, table.bias, table.bias0, slots, row_tokens,
+                table.rank, table.heads, table.correction_rank, table.correction_heads)
+        return out
 
     def _record(self, weights: torch.Tensor) -> None:
         mask = self.context.token_mask
