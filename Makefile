@@ -9,7 +9,7 @@ PORT ?= 8000
 VENV_PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test services browser bench
+.PHONY: install run test services browser tools bench
 
 install: $(INSTALLED)
 
@@ -34,7 +34,10 @@ services:
 browser:
 	./scripts/install-browser  # chromium + chromedriver for the dashboard's browser test; a no-op when present
 
-test: install services browser
+tools:
+	./scripts/install-tools  # wrk for the API benchmark's test; a no-op when present
+
+test: install services browser tools
 	$(VENV_PYTHON) -m pytest -q
 
 bench: install

@@ -1,7 +1,7 @@
 """Generation throughput and memory of the inference engine: on the tiny model (CPU), and with
 ``--gpu`` beside transformers' own ``generate`` on a 0.5B-shaped model.
 
-    python3 benchmarks/bench_generate.py [--requests 16] [--new-tokens 64] [--adapters 100]
+    python3 benchmarks/bench_generate.py [--requests 16] [--new-tokens 64] [--adapters 100] [--json PATH]
     python3 benchmarks/bench_generate.py --gpu [--small] [--json PATH] [--repeats 3]
 
 Without ``--gpu``: throughput (generated tokens per second, greedy, eos ignored so every request
@@ -14,7 +14,9 @@ makes exactly ``--new-tokens`` tokens) of 16 requests:
 Memory: the process's resident set (RSS, after a collection and ``malloc_trim``) with the base
 model and 1 adapter loaded, and with 100, beside the adapters' own tensor bytes. Targets:
 across-8 >= 0.7x one-adapter batch, >= 4x one after another; memory grows by about the adapters'
-own size, never by a model copy. Prints a markdown table.
+own size, never by a model copy. The adapters are made on the very model the engine serves
+(base model ``tiny``: the shipped pretrained weights, built into the work folder's models
+directory). Prints a markdown table; ``--json`` writes the raw numbers.
 
 ``--gpu`` (issue 10; cuda, bfloat16): a Llama with Qwen2.5-0.5B's dimensions (hidden 896,
 intermediate 4864, 24 layers, 14 heads, 2 KV heads), random weights from a config and the tiny
@@ -64,7 +66,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rlora  # noqa: E402
 from rlora import AdapterConfig  # noqa: E402
 from rlora.serve import InferenceEngine, Limits  # noqa: E402
-from rlora.tiny import TINY_CONFIG, TINY_MODEL_NAME, build_tiny_model, build_tokenizer  # noqa: E402
+from rlora.basemodels import resolve_base_model  # noqa: E402
+from rlora.tiny import TINY_CONFIG, TINY_MODEL_NAME, build_tokenizer  # noqa: E402
 
 from bench_support import cpu_name  # noqa: E402
 
@@ -130,12 +133,14 @@ def best_of(runs):
 def cpu_benchmark(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        model_path = build_tiny_model(work / "models" / "tiny", pretrained=False)
+        # The engine's base model "tiny", built where the engine looks for it (its cache_dir):
+        # the shipped pretrained weights, so the adapters' base-model fingerprint is the served one's.
+        model_path = resolve_base_model(TINY_MODEL_NAME, None, work / "models")
         adapter_paths = make_adapters(model_path, work / "adapters", max(args.adapters, 8))
         ids = [f"a{i:03d}" for i in range(len(adapter_paths))]
 
         engine = InferenceEngine(cache_dir=work / "models", device=args.device, adapter_cache_bytes=1 << 34)
-        engine.base_model("tiny")
+        engine.base_model(TINY_MODEL_NAME)
         rss_base = rss_bytes()
         engine.adapter(ids[0], adapter_paths[0])
         rss_one = rss_bytes()
@@ -144,7 +149,7 @@ def cpu_benchmark(args) -> None:
             engine.adapter(adapter_id, path)
         rss_many = rss_bytes()
         many_bytes = engine.adapters.nbytes
-        model_bytes = sum(p.numel() * p.element_size() for p in engine.base_model("tiny").model.parameters())
+        model_bytes = sum(p.numel() * p.element_size() for p in engine.base_model(TINY_MODEL_NAME).model.parameters())
 
         for i in range(8):
             engine.adapter(ids[i], adapter_paths[i])
@@ -186,6 +191,23 @@ def cpu_benchmark(args) -> None:
     print()
     growth = rss_many - rss_one
     own = many_bytes - one_bytes
+    if args.json:
+        runs_raw = {"seq": (seq_t, seq_med, seq_tokens), "one": (one_t, one_med, one_tokens), "eight": (eight_t, eight_med, eight_tokens)}
+        raw = {
+            "date": now, "machine": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "device": args.device,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "command": shlex.join(["python3", "benchmarks/bench_generate.py", *sys.argv[1:]]),
+            "requests": args.requests, "new_tokens": args.new_tokens, "adapters": args.adapters, "repeats": args.repeats,
+            "throughput": {
+                key: {"best_s": best, "median_s": median, "generated_tokens": tokens, "tok_s": tokens / best}
+                for key, (best, median, tokens) in runs_raw.items()
+            },
+            "memory": {
+                "model_bytes": model_bytes, "rss_base_bytes": rss_base, "rss_one_adapter_bytes": rss_one,
+                "rss_many_adapters_bytes": rss_many, "one_adapter_bytes": one_bytes, "many_adapters_bytes": many_bytes,
+            },
+        }
+        Path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
     print(f"targets: 8-adapter batch / 1-adapter batch = {eight_tps / one_tps:.2f} (>= 0.7: {'met' if eight_tps >= 0.7 * one_tps else 'MISSED'}); "
           f"8-adapter batch / one after another = {eight_tps / seq_tps:.2f} (>= 4: {'met' if eight_tps >= 4 * seq_tps else 'MISSED'}); "
           f"memory growth 1 -> {args.adapters} adapters {growth * mib:.1f} MiB for {own * mib:.1f} MiB of adapter tensors "
@@ -522,18 +544,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", default=None, help="where to build the model and adapters (default: a temp dir)")
+    parser.add_argument("--json", metavar="PATH", help="write the raw numbers there")
     gpu = parser.add_argument_group("GPU mode (its load is fixed: --requests, --new-tokens, --adapters and --device are not used)")
     gpu.add_argument("--gpu", action="store_true", help="the engine beside transformers' generate, on cuda in bfloat16")
     gpu.add_argument("--small", action="store_true", help="with --gpu: tiny shapes on the CPU in float32, to check the code path")
-    gpu.add_argument("--json", metavar="PATH", help="with --gpu: write the raw numbers there")
     args = parser.parse_args()
-    if (args.small or args.json) and not args.gpu:
-        parser.error("--small and --json go with --gpu")
+    if args.small and not args.gpu:
+        parser.error("--small goes with --gpu")
     args.repeats = args.repeats or (3 if args.gpu else 5)
     torch.set_num_threads(args.threads)
     if args.gpu:
         sys.exit(gpu_benchmark(args))
     cpu_benchmark(args)
+
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,8 @@ decision rule, and one smoke-size call end to end."""
 import importlib.util
 import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,3 +107,36 @@ def test_smoke_call_end_to_end(bench, tmp_path):
     # A results file re-reported: the same summaries and report, nothing run again.
     assert bench.main(["--from-json", str(out), "--report", str(tmp_path / "again.md")]) == 0
     assert (tmp_path / "again.md").read_text() == report
+
+
+def test_cpu_tier_smoke_prints_every_cell_table(bench, tmp_path):
+    """``--tier cpu --smoke`` as a user runs it (a subprocess, the tier's 2 worker processes):
+    every cell's table has a row per arm with numbers, its paired differences and a decision."""
+    out = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "multitask.py"), "--tier", "cpu", "--smoke",
+         "--cache-dir", str(tmp_path / "cache"), "--json", str(out), "--report", str(tmp_path / "report.md")],
+        capture_output=True, text=True, timeout=150,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    cells = bench.cells_for("cpu", True)
+    sections = run.stdout.split("\n### ")[1:]
+    assert [section.split(":", 1)[0] for section in sections] == [cell["name"] for cell in cells], run.stdout
+    for cell, section in zip(cells, sections):
+        rows = {}
+        for line in section.splitlines():
+            row = [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.startswith("| ") and row[0] in cell["arms"]:
+                rows[row[0]] = row
+        assert sorted(rows) == sorted(cell["arms"]), section
+        for row in rows.values():  # | arm | seeds | params (%) | exact match (CI) | 6 tasks | answer loss | ... |
+            line = " | ".join(row)
+            assert len(row) == 15 and row[1] == "2", line
+            assert int(row[2].split()[0].replace(",", "")) > 0, line
+            assert 0 <= float(row[3].split()[0]) <= 100 and all(0 <= float(v) <= 100 for v in row[4:10]), line
+            assert float(row[10]) > 0, line
+        assert re.search(r"^\| rlora - hydralora \| [+-][\d.]+ \[", section, re.MULTILINE), section
+        assert "\nDecision: **" in section, section
+    results = json.loads(out.read_text())
+    assert results["tier"] == "cpu" and results["smoke"] and results["device"] == "cpu" and results["workers"] == 2
+    assert results["completed_runs"] == results["planned_runs"] == sum(len(c["arms"]) for c in cells) * 2

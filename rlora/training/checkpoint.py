@@ -67,10 +67,11 @@ class TrainState:
 
 def run_fingerprint(config: TrainConfig) -> str:
     """What must match for a checkpoint or a finished run to belong to this run: everything
-    but output_dir and training.compile. Compiling changes how the steps run, not what they
-    compute (within float rounding), so a run may resume with it switched; and runs
+    but output_dir, training.compile and training.base_kernels. Compiling and the base model's
+    kernels change how the steps run, not what they compute (within float rounding), so a run
+    may resume with them switched; and runs
     checkpointed before the setting existed keep their fingerprint."""
-    return _digest(config.model_dump(exclude={"output_dir": True, "training": {"compile"}}))
+    return _digest(config.model_dump(exclude={"output_dir": True, "training": {"compile", "base_kernels"}}))
 
 
 def _digest(described: dict) -> str:
@@ -125,7 +126,7 @@ def resumed_run(config: TrainConfig, output_dir: Path) -> tuple[str, AdapterConf
     started = _started_run(output_dir)
     if started is None or started == run_id or adapter_config.router_init != "kaiming":
         return run_id, adapter_config
-    previous = config.model_dump(exclude={"output_dir": True, "training": {"compile"}, "adapter": {"router_init"}})
+    previous = config.model_dump(exclude={"output_dir": True, "training": {"compile", "base_kernels"}, "adapter": {"router_init"}})
     if started != _digest(previous):
         return run_id, adapter_config  # another run: restore refuses it
     return started, replace(adapter_config, router_init="zero") if adapter_config.uses_random_init else adapter_config

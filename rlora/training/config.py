@@ -52,6 +52,10 @@ class TrainingSettings(BaseModel):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="compile the decoder layers with torch.compile; auto: on CUDA only"
     )
+    base_kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="the frozen model's RMSNorm, SwiGLU, RoPE and loss through Liger-kernel; auto: on CUDA where "
+        "liger-kernel is installed and supports the model"
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds sampling, dropout and the validation split: same seed, same run")
 
     @field_validator("compile", mode="before")

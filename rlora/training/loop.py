@@ -62,8 +62,9 @@ from .checkpoint import (
     save_checkpoint,
     write_atomically,
 )
+from .base_kernels import answer_loss_sum, apply_base_kernels
 from .config import TrainConfig, TrainingSettings
-from .evaluate import eval_batches, eval_batches_by_task, evaluate, token_loss_sum
+from .evaluate import eval_batches, eval_batches_by_task, evaluate
 from .limits import context_problem
 
 ProgressCallback = Callable[["Progress"], None]
@@ -132,6 +133,7 @@ def train(
     model.to(device)
     if settings.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
+    base_kernels = apply_base_kernels(model, settings.base_kernels, device)
     compiled = _compile_decoder_layers(model, settings.compile, device)
     collate = Collator(tokenizer.pad_token_id, width=settings.max_seq_len if compiled else None)
 
@@ -188,8 +190,8 @@ def train(
             check_stop()
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = token_loss_sum(logits, batch["labels"]) / label_tokens
+                loss = answer_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"], base_kernels)
+            loss = loss / label_tokens
             loss.backward()
             step_loss += loss.item()
             window_tokens += int(batch["attention_mask"].sum())
@@ -254,6 +256,7 @@ def train(
         "skipped_examples": state.skipped_examples,
         "peak_memory_bytes": _peak_memory(device),
         "compiled": compiled,
+        "base_kernels": "liger" if base_kernels else "none",
     }
     check_stop(" before saving")
     emit("phase", {"phase": "saving", "step": state.step})
