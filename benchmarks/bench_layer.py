@@ -8,7 +8,9 @@ Compared in the same run, on the same input:
   loop         a per-head loop written like the reference code: h = A x, then for each head
                its own dropout call on h and its own B_i matmul, added to the output one by one
   input-drop   our fused layer with HydraLoRA's dropout on the full-width input x
-  ours         our fused R-LoRA layer (multi-head dropout on the rank-r intermediate)
+  ours         our fused R-LoRA layer (multi-head dropout on the rank-r intermediate); on CUDA
+               its per-token work runs as Triton kernels (rlora.kernels)
+  PyTorch-path the same layer with rlora.kernels off (on a CPU: the same path as ours)
 Times are medians. "adapter" columns subtract the base layer's median, so they compare the
 adapters' own cost. Saved activations are the bytes autograd keeps for backward beyond the
 layer's input and the weights.
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from rlora import AdapterConfig  # noqa: E402
+from rlora import AdapterConfig, kernels  # noqa: E402
 from rlora.adapter.layer import RLoRALinear  # noqa: E402
 
 from bench_support import cpu_name, saved_activation_bytes  # noqa: E402
@@ -115,9 +117,9 @@ def main() -> None:
     print(f"# bench_layer {time.strftime('%Y-%m-%d')}: d={args.dim}, r={args.rank}, tokens={args.tokens}, dropout={args.dropout}, "
           f"{args.dtype} on {device}, {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print()
-    print("| N | base ms | loop ms | input-drop ms | ours ms | ours/base | ours/loop | ours/loop (adapter) "
-          "| ours/input-drop (adapter) | saved: ours | saved: input-drop | saved: loop | saved ours/input-drop |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | base ms | loop ms | input-drop ms | ours ms | PyTorch-path ms | ours/base | ours/loop | ours/loop (adapter) "
+          "| ours/input-drop (adapter) | ours/PyTorch-path | saved: ours | saved: input-drop | saved: loop | saved ours/input-drop |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     raw = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": str(device), "machine": machine, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
@@ -134,25 +136,39 @@ def main() -> None:
 
         ours, input_drop = layer("rlora"), layer("hydralora")
         loop = ReferenceLoopLayer(ours).train()
-        t = median_seconds({"base": _Frozen(base), "loop": loop, "input": input_drop, "ours": ours}, x, args.repeats)
-        t_base, t_loop, t_input, t_ours = t["base"], t["loop"], t["input"], t["ours"]
+        layers = {"base": _Frozen(base), "loop": loop, "input": input_drop, "ours": ours, "torch": _PyTorchPath(ours)}
+        t = median_seconds(layers, x, args.repeats)
+        t_base, t_loop, t_input, t_ours, t_torch = t["base"], t["loop"], t["input"], t["ours"], t["torch"]
         saved = {name: saved_activation_bytes(lambda m=m: m(x), [x, *m.parameters(), *m.buffers()])
                  for name, m in [("ours", ours), ("input", input_drop), ("loop", loop)]}
         print(
-            f"| {heads} | {t_base * 1e3:.1f} | {t_loop * 1e3:.1f} | {t_input * 1e3:.1f} | {t_ours * 1e3:.1f} "
+            f"| {heads} | {t_base * 1e3:.1f} | {t_loop * 1e3:.1f} | {t_input * 1e3:.1f} | {t_ours * 1e3:.1f} | {t_torch * 1e3:.1f} "
             f"| {t_ours / t_base:.3f} | {t_ours / t_loop:.3f} | {adapter_ratio(t_ours, t_loop, t_base):.3f} "
-            f"| {adapter_ratio(t_ours, t_input, t_base):.3f} "
+            f"| {adapter_ratio(t_ours, t_input, t_base):.3f} | {t_ours / t_torch:.3f} "
             f"| {saved['ours'] / 2**20:.2f} MiB | {saved['input'] / 2**20:.2f} MiB | {saved['loop'] / 2**20:.2f} MiB "
             f"| {saved['ours'] / saved['input']:.3f} |",
             flush=True,
         )
         raw["rows"].append({
             "heads": heads,
-            "median_s": {"base": t_base, "loop": t_loop, "input_drop": t_input, "ours": t_ours},
+            "median_s": {"base": t_base, "loop": t_loop, "input_drop": t_input, "ours": t_ours, "pytorch_path": t_torch},
             "saved_bytes": {"ours": saved["ours"], "input_drop": saved["input"], "loop": saved["loop"]},
         })
         if args.json:
             Path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
+
+
+class _PyTorchPath(nn.Module):
+    """Our layer with rlora.kernels off: on CUDA, what its Triton kernels replace."""
+
+    def __init__(self, layer: RLoRALinear):
+        super().__init__()
+        self.layer = layer
+        self.base_layer = layer.base_layer
+
+    def forward(self, x):
+        with kernels.backend("torch"):  # the function records its path at forward: backward follows
+            return self.layer(x)
 
 
 class _Frozen(nn.Module):

@@ -42,18 +42,19 @@ def check(stdout: str, raw: dict, device: str, dtype: str) -> None:
     assert sorted(rows) == HEADS, stdout
     for cells in rows.values():
         line = " | ".join(cells)
-        assert len(cells) == 13, line
+        assert len(cells) == 15, line
         # Times print with one decimal and saved bytes in MiB with two: at this size some show 0.0.
-        assert all(float(cell) >= 0 for cell in cells[1:5]), line
-        assert float(cells[5]) > 0 and float(cells[6]) > 0, line  # ours/base, ours/loop
-        [float(cell) for cell in cells[7:9]]  # the adapter-only ratios: noise may give them any sign
-        assert all(cell.endswith(" MiB") and float(cell.removesuffix(" MiB")) >= 0 for cell in cells[9:12]), line
-        assert float(cells[12]) > 0, line
+        assert all(float(cell) >= 0 for cell in cells[1:6]), line
+        assert float(cells[6]) > 0 and float(cells[7]) > 0, line  # ours/base, ours/loop
+        [float(cell) for cell in cells[8:10]]  # the adapter-only ratios: noise may give them any sign
+        assert float(cells[10]) > 0, line  # ours / PyTorch path
+        assert all(cell.endswith(" MiB") and float(cell.removesuffix(" MiB")) >= 0 for cell in cells[11:14]), line
+        assert float(cells[14]) > 0, line
 
     assert raw["device"] == device and raw["dtype"] == dtype and raw["tokens"] == 64 and raw["dim"] == 64
     assert [row["heads"] for row in raw["rows"]] == HEADS
     for row in raw["rows"]:
-        assert set(row["median_s"]) == {"base", "loop", "input_drop", "ours"}, row
+        assert set(row["median_s"]) == {"base", "loop", "input_drop", "ours", "pytorch_path"}, row
         assert all(seconds > 0 for seconds in row["median_s"].values()), row
         assert set(row["saved_bytes"]) == {"ours", "input_drop", "loop"}, row
         assert all(saved > 0 for saved in row["saved_bytes"].values()), row

@@ -28,20 +28,24 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
 def test_small_run_measures_every_variant(tmp_path):
     raw_path = tmp_path / "raw.json"
     run = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--small", "--steps", "3", "--json", str(raw_path)],
+        [sys.executable, str(BENCHMARK), "--small", "--steps", "3", "--base-kernels", "--json", str(raw_path)],
         capture_output=True, text=True, timeout=180,
     )
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
 
     rows = table_rows(run.stdout)
     assert sorted(rows) == sorted(v.label for v in VARIANTS), run.stdout
+    liger = {v.label for v in VARIANTS if v.liger}
     for label, cells in rows.items():
         line = " | ".join(cells)
         assert len(cells) == 10 and "error" not in line, line
+        if label in liger:  # Liger's kernels are CUDA's
+            assert cells[2] == cells[6] == "Liger needs CUDA", line
+            continue
         assert float(cells[2]) > 0 and float(cells[3]) > 0, line  # eager step ms, saved MiB
         assert cells[6] == "not run on CPU", line
-    counts = {label: int(cells[1].replace(",", "")) for label, cells in rows.items()}
-    by_key = {v.key: counts[v.label] for v in VARIANTS}
+    counts = {label: int(cells[1].replace(",", "")) for label, cells in rows.items() if label not in liger}
+    by_key = {v.key: counts[v.label] for v in VARIANTS if not v.liger}
     assert by_key["frozen"] == 0
     # The paper's LoRA*2: PEFT LoRA r=10 has about the trainable parameters of N=3 r=4.
     assert abs(by_key["rlora-N3"] / by_key["peft-lora-r10"] - 1) < 0.05
@@ -49,8 +53,8 @@ def test_small_run_measures_every_variant(tmp_path):
     assert len(re.findall(r"^\| [35] \| eager \| [\d.]+x / [\d.]+x \| [\d.]+x / [\d.]+x \| [\d.]+x / [\d.]+x \|$",
                           run.stdout, re.MULTILINE)) == 2, run.stdout
     eager_targets = re.findall(r"^- target .*, eager <= [\d.]+: [\d.]+, (?:PASS|FAIL)", run.stdout, re.MULTILINE)
-    assert len(eager_targets) == 3, run.stdout
+    assert len(eager_targets) == 5, run.stdout
 
     raw = json.loads(raw_path.read_text())
-    assert raw["command"].endswith("--small --steps 3 --json " + str(raw_path))
-    assert all(raw["rows"][v.key]["eager"]["step_ms"] > 0 for v in VARIANTS)
+    assert raw["command"].endswith("--small --steps 3 --base-kernels --json " + str(raw_path))
+    assert all(raw["rows"][v.key]["eager"]["step_ms"] > 0 for v in VARIANTS if not v.liger)
