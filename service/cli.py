@@ -405,6 +405,7 @@ class _WorkerProcess:
         try:
             process.wait(WORKER_STOP_SECONDS)
         except subprocess.TimeoutExpired:
+            log.warning("the embedded worker did not stop within %d s; killed (its job is requeued once found lost)", WORKER_STOP_SECONDS)
             process.kill()
             process.wait()
 

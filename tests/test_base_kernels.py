@@ -49,7 +49,8 @@ def test_answer_loss_equals_the_full_logits_loss_and_its_gradients(adapted, fuse
     got.backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(adapter_grads(adapted), want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        # Liger's chunked cross-entropy sums its gradient in another order than autograd does.
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
 
 
 def test_base_kernels_setting(adapted):

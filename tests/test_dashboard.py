@@ -114,12 +114,23 @@ def _chromium_driver():
 def _follow(driver, element) -> None:
     """Click a link or a form's button and wait for the next page: a click returns before the
     browser has navigated, and the old page's elements would be read."""
-    from selenium.webdriver.support import expected_conditions
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.wait import WebDriverWait
 
     page = driver.find_element("tag name", "html")
     element.click()
-    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
+
+    def old_page_gone(_) -> bool:
+        # Selenium's staleness_of catches only StaleElementReferenceException; while the old
+        # document is being torn down Chrome may answer "Node with given id does not belong
+        # to the document" instead, which says the same.
+        try:
+            page.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
+    WebDriverWait(driver, 30).until(old_page_gone)
     WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 

@@ -106,7 +106,9 @@ def test_mixed_adapter_batch_logits_equal_each_adapter_alone(engine, model_dir, 
         model = fresh_base(model_dir) if adapter_id is None else rlora.load(fresh_base(model_dir), adapter_paths[adapter_id]).eval()
         with torch.no_grad():
             expected = model(torch.tensor([seq])).logits[0]
-        torch.testing.assert_close(logits, expected, rtol=0, atol=2e-5)
+        # float32: the padded batch's matmuls sum in another order than one row's, which on some
+        # CPUs' kernels moves a logit by a little more than 2e-5.
+        torch.testing.assert_close(logits, expected, rtol=0, atol=5e-5)
 
 
 def test_bfloat16_engine_reproduces_training_time_eval(workdir, model_dir, adapter_paths):

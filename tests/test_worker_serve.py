@@ -36,7 +36,7 @@ def test_stopping_serve_gives_the_running_job_back_and_the_next_start_finishes_i
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {cli_tenant_key(home, 'a')}"}, timeout=30)
         file_id = client.post("/v1/files", files={"file": ("add.jsonl", dataset(40))}).json()["id"]
-        job_id = client.post("/v1/jobs", json=job_body(file_id, max_steps=40, checkpoint_every=2)).json()["id"]
+        job_id = client.post("/v1/jobs", json=job_body(file_id, max_steps=400, checkpoint_every=2)).json()["id"]
         wait_for(lambda: (client.get(f"/v1/jobs/{job_id}").json()["progress"] or {}).get("step", 0) >= 3, 180, 0.05, "training")
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(90) == 0
@@ -47,7 +47,8 @@ def test_stopping_serve_gives_the_running_job_back_and_the_next_start_finishes_i
     try:
         events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
         requeued = [e["data"] for e in events if e["kind"] == "requeued"]
-        assert requeued == [{"status": "queued", "reason": "the worker shut down"}], log_path.read_text()[-4000:]
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert requeued == [{"status": "queued", "reason": "the worker shut down"}], (job["status"], events, log_path.read_text()[-4000:])
         done = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed", "cancelled") and j,
                         180, 0.5, "the job to finish")
         assert done["status"] == "succeeded" and done["attempt"] == 2, (done, log_path.read_text()[-4000:])
