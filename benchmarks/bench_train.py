@@ -50,14 +50,18 @@ N=3 (the paper's Table 4) <= 0.85x the time and <= 0.75x the memory.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
+import functools
 import gc
 import json
 import math
 import platform
 import shlex
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -153,7 +157,7 @@ class ReferenceLoopLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, heads: int, rank: int, input_dropout: bool, generator: torch.Generator):
         super().__init__()
         self.base_layer = base_layer
-        d_out, d_in = base_layer.weight.shape
+        d_out, d_in = base_layer.out_features, base_layer.in_features  # a 4-bit weight is stored packed
         config = AdapterConfig(method="rlora", heads=heads, rank=rank, alpha=ALPHA, dropout=DROPOUT)
         scale = config.head_init_scale(d_out)
         device = base_layer.weight.device
@@ -189,9 +193,27 @@ def attach_loops(model: nn.Module, variant: Variant) -> None:
                                                    variant.input_dropout, generator))
 
 
-def build_model(shape: ModelShape, device: str, dtype: torch.dtype) -> nn.Module:
+def build_model(shape: ModelShape, device: str, dtype: torch.dtype, quantization: str = "none") -> nn.Module:
     """A Qwen2 causal LM with ``shape``'s dimensions and random weights, the same for every
-    variant (seeded)."""
+    variant (seeded); with ``quantization`` its linear layers loaded through bitsandbytes
+    (`rlora.quantization`) from a folder the random weights are saved to once."""
+    if quantization != "none":
+        from rlora.basemodels import load_base_model
+
+        model, _ = load_base_model(_saved_random_model(shape, dtype), dtype=dtype, device=device, quantization=quantization)
+        return model
+    return _random_model(shape, device, dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _saved_random_model(shape: ModelShape, dtype: torch.dtype) -> str:
+    folder = tempfile.mkdtemp(prefix=f"bench-train-{shape.name}-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    _random_model(shape, "cpu", dtype).save_pretrained(folder)
+    return folder
+
+
+def _random_model(shape: ModelShape, device: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(
@@ -386,7 +408,8 @@ class Report:
         print(f"- model: Qwen2 with {shape.name}'s dimensions (hidden {shape.hidden_size}, intermediate "
               f"{shape.intermediate_size}, {shape.layers} layers, {shape.attention_heads} heads, {shape.kv_heads} KV heads, "
               f"vocabulary {shape.vocab_size}), random weights; adapters on {'/'.join(TARGETS)}, alpha {ALPHA:g}, "
-              f"dropout {DROPOUT}; {args.batch} x {args.tokens} tokens")
+              f"dropout {DROPOUT}; {args.batch} x {args.tokens} tokens"
+              + (f"; every variant's base quantized to {args.quantization} (bitsandbytes)" if args.quantization != "none" else ""))
         print(f"- step: forward + loss + backward + AdamW on the adapter (the frozen model: no optimizer); median of "
               f"{args.steps} steps after {args.warmup} untimed; compiled: every decoder layer compiled on its own")
         if self.device == "cuda":
@@ -450,7 +473,7 @@ def _measure_variant(report: Report, variant: Variant, args, compile_skip: str |
     shape, device, dtype = report.shape, report.device, report.dtype
     model = trainer = None
     try:
-        model = build_model(shape, device, dtype)
+        model = build_model(shape, device, dtype, args.quantization)
         decoder_layers = list(model.model.layers)
         model = with_adapter(model, variant)
         report.rows[variant.key]["trainable"] = sum(p.numel() for p in trainable(model))
@@ -493,6 +516,8 @@ def main() -> None:
                         help="run only these (the frozen model and PEFT LoRA always run: the ratios need them)")
     parser.add_argument("--base-kernels", action="store_true",
                         help="also the Liger rows (frozen, PEFT LoRA, rlora N=3 with Liger-kernel on the base model; CUDA)")
+    parser.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+                        help="every variant's frozen base through bitsandbytes (QLoRA: nf4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers there")
     args = parser.parse_args()

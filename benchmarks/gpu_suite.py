@@ -63,6 +63,8 @@ def gpu_steps() -> list[Step]:
              100, "training, 0.5B shape, compiled"),
         Step("train-3b", [*train, "--model", "qwen2.5-3b", "--variants", "rlora-N3", "rlora-noMD-N3"], 80,
              "training, 3B shape, eager"),
+        Step("memory", [str(HERE / "bench_memory.py"), "--measure", "--json", "{json}"], 60,
+             "peak memory, bfloat16 and NF4 bases, against the estimate"),
     ]
 
 

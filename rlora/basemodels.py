@@ -51,14 +51,26 @@ def resolve_base_model(
     raise UnknownBaseModel(name, list_base_models(models_dir))
 
 
-def load_base_model(path: str | os.PathLike, *, dtype=None, device=None):
-    """Model and tokenizer from a local folder, offline."""
+def load_base_model(path: str | os.PathLike, *, dtype=None, device=None, quantization: str = "none"):
+    """Model and tokenizer from a local folder, offline; its linear layers quantized to
+    ``quantization`` (`rlora.quantization`: "nf4" or "int8", computing in ``dtype``), which
+    loads them straight onto ``device``: a quantized model cannot be moved afterwards."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .quantization import bnb_config
+
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    if device is not None:
-        model.to(device)
+    quantization_config = bnb_config(quantization, dtype or torch.float32)
+    if quantization_config is None:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        if device is not None:
+            model.to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype, quantization_config=quantization_config,
+            device_map={"": str(device or "cpu")},
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     max_tokens_per_step: int = Field(131_072, ge=1, description="batch_size x gradient_accumulation_steps x max_seq_len")
     max_heads_x_rank: int = Field(256, ge=1, description="adapter heads x rank")
     max_adapter_params_per_layer: int = Field(4_194_304, ge=1, description="adapter parameters (and frozen buffers) on one adapted layer")
+    gpu_memory_bytes: int | None = Field(
+        None, ge=1, description="memory of one GPU of the gpu workers: a job whose estimate is over it is refused (422); "
+        "unset: not checked"
+    )
+    cpu_memory_bytes: int | None = Field(
+        None, ge=1, description="memory a cpu worker may give one job: a job whose estimate is over it is refused (422); "
+        "unset: not checked"
+    )
     max_eval_new_tokens: int = Field(256, ge=1, description="eval_max_new_tokens")
     max_eval_examples: int = Field(256, ge=0, description="eval_max_examples: validation examples evaluated (greedy) per task")
     max_job_seconds: float = Field(86_400.0, gt=0, description="wall-clock of one attempt at a job; past it the job fails")
@@ -59,6 +67,10 @@ class Settings(BaseSettings):
     # processes (engine_* below); base models loaded on first use.
     default_base_model: str = Field("tiny", description="the base model of requests that name no adapter")
     inference_device: str | None = Field(None, description="e.g. cpu, cuda, cuda:1; default cuda when available")
+    inference_quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="the form base models are served in (bitsandbytes); adapters trained over a quantized base "
+        "are served over the base in their form whatever this says"
+    )
     adapter_cache_bytes: int = Field(1 << 30, ge=1, description="adapters kept loaded (LRU), in bytes")
     max_input_tokens: int | None = Field(None, ge=1, description="default: the model's context length - 1")
     max_total_tokens: int | None = Field(None, ge=2, description="prompt + new tokens; default: the model's context length")

@@ -58,3 +58,20 @@ def test_small_run_measures_every_variant(tmp_path):
     raw = json.loads(raw_path.read_text())
     assert raw["command"].endswith("--small --steps 3 --base-kernels --json " + str(raw_path))
     assert all(raw["rows"][v.key]["eager"]["step_ms"] > 0 for v in VARIANTS if not v.liger)
+
+
+def test_small_run_over_an_nf4_base():
+    """Every variant's base quantized (QLoRA), PEFT's LoRA over bitsandbytes' layers as well."""
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--small", "--steps", "2", "--warmup", "1", "--quantization", "nf4",
+         "--variants", "rlora-N3", "loop-MD-N3"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
+    assert "every variant's base quantized to nf4 (bitsandbytes)" in run.stdout
+    rows = table_rows(run.stdout)
+    assert len(rows) == 4, run.stdout  # frozen, PEFT LoRA and the two asked for
+    assert all(re.match(r"^\d", cells[2]) for cells in rows.values()), run.stdout

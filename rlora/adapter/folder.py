@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..quantization import checkpoint_tensor, linear_shape, model_quantization, weight_quantization
 from .inject import adapter_layers, attach, config_of, device_of
 from .config import AdapterConfig
 
@@ -77,6 +78,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, base_model_name: str | No
         **config.to_dict(),
         "base_model_name": base_model_name or base_model_name_of(model),
         "base_model_fingerprint": base_model_fingerprint(model),
+        "base_model_quantization": model_quantization(model),
         "rlora_version": _version(),
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -145,8 +147,10 @@ def base_model_fingerprint(model: nn.Module) -> str:
     layers, rounded to bfloat16 so a float32 and a bfloat16 load agree) tells apart two
     checkpoints of one architecture, such as a base model and its chat fine-tune.
     """
+    # A quantized layer's weight is stored packed: its shape is the layer's (d_out, d_in).
+    logical = {f"{name}.weight": list(linear_shape(m)) for name, m in model.named_modules() if weight_quantization(m) != "none"}
     shapes = {
-        name: list(p.shape) for name, p in model.named_parameters()
+        name: logical.get(name, list(p.shape)) for name, p in model.named_parameters()
         if not any(name.endswith(f".{t}") for t in ADAPTER_TENSORS)
     }
     # Wrapped layers hold their base weights one level down; the fingerprint is of the base.
@@ -160,10 +164,15 @@ def base_model_fingerprint(model: nn.Module) -> str:
 
 
 def _sampled_weights(model: nn.Module) -> list[torch.Tensor]:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     sampled = [embeddings.weight] if isinstance(embeddings, nn.Embedding) else []
-    return sampled + ([linears[0].weight, linears[-1].weight] if linears else [])
+    for name, linear in linears[:1] + linears[-1:]:
+        if weight_quantization(linear) == "none":
+            sampled.append(linear.weight)
+        else:  # the unquantized values, so that the fingerprint is the base model's in any form
+            sampled.append(checkpoint_tensor(model, f"{name.replace('.base_layer', '')}.weight"))
+    return sampled
 
 
 def base_model_name_of(model: nn.Module) -> str:

@@ -40,7 +40,7 @@ class RLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.config = config
-        d_out, d_in = base_layer.weight.shape
+        d_out, d_in = base_layer.out_features, base_layer.in_features  # a 4-bit weight is stored packed
         self.in_features, self.out_features = d_in, d_out
         self.heads, self.rank = config.heads, config.rank
         self.scaling = config.scaling

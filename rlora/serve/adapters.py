@@ -122,6 +122,11 @@ class LoadedAdapter:
     def has_router(self) -> bool:
         return any(layer.has_router for layer in self.layers.values())
 
+    @property
+    def quantization(self) -> str:
+        """The form of the base model it was trained over ("none", "nf4", "int8")."""
+        return self.meta.get("base_model_quantization", "none")
+
 
 def load_adapter(
     adapter_id: str,

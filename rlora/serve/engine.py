@@ -15,7 +15,8 @@ import torch
 
 from ..adapter.folder import AdapterMismatchError
 from ..basemodels import load_base_model, resolve_base_model
-from .adapters import AdapterCache, LoadedAdapter, load_adapter, read_servable_config
+from ..quantization import bnb_config
+from .adapters import AdapterCache, LoadedAdapter, is_adapter_folder, load_adapter, read_servable_config
 from .handle import EngineClosed, RequestHandle
 from .observer import ServingObserver
 from .params import GenerationParams, GenerationResult, GenerationValidationError, Limits, as_params
@@ -47,6 +48,7 @@ class InferenceEngine:
         default_base_model: str | None = None,
         cuda_graphs: bool = True,
         observer: ServingObserver | None = None,
+        quantization: str = "none",
     ):
         self.models_dir = models_dir
         self.cache_dir = cache_dir
@@ -55,6 +57,8 @@ class InferenceEngine:
         self.limits = limits or Limits()
         self.default_base_model = default_base_model
         self.cuda_graphs = cuda_graphs
+        bnb_config(quantization, torch.float32)  # refuses an unknown form, or one without bitsandbytes
+        self.quantization = quantization
         self.observer = observer or ServingObserver()
         self.adapters = AdapterCache(adapter_cache_bytes)
         self._runners: dict[str, BaseModelRunner] = {}
@@ -64,19 +68,29 @@ class InferenceEngine:
 
     # Base models.
 
-    def base_model(self, name: str) -> BaseModelRunner:
-        """The runner of base model ``name``, loading it on first use (raises
-        `rlora.basemodels.UnknownBaseModel`, a LookupError, for an unknown name)."""
+    def base_model(self, name: str, quantization: str | None = None) -> BaseModelRunner:
+        """The runner of base model ``name`` in form ``quantization`` (default: the engine's),
+        loading it on first use (raises `rlora.basemodels.UnknownBaseModel`, a LookupError, for
+        an unknown name). Each form is a model of its own, batched apart."""
+        quantization = quantization or self.quantization
+        key = name if quantization == "none" else f"{name}@{quantization}"
         with self._models_lock:
             if self._closed:
                 raise EngineClosed("the inference engine is shut down")
-            runner = self._runners.get(name)
+            runner = self._runners.get(key)
             if runner is None:
                 path = resolve_base_model(name, self.models_dir, self.cache_dir)
-                model, tokenizer = load_base_model(path, dtype=self.dtype, device=self.device)
-                runner = BaseModelRunner(name, model, tokenizer, self.limits, cuda_graphs=self.cuda_graphs, observer=self.observer)
-                self._runners[name] = runner
+                model, tokenizer = load_base_model(path, dtype=self.dtype, device=self.device, quantization=quantization)
+                # Capturing bitsandbytes' kernels in CUDA graphs has not been checked on a GPU yet.
+                graphs = self.cuda_graphs and quantization == "none"
+                runner = BaseModelRunner(name, model, tokenizer, self.limits, cuda_graphs=graphs, observer=self.observer)
+                self._runners[key] = runner
             return runner
+
+    def _form(self, adapter: LoadedAdapter | None) -> str:
+        """The form of the base an adapter is served over: the one it was trained over when that
+        was quantized (QLoRA), else the engine's."""
+        return adapter.quantization if adapter is not None and adapter.quantization != "none" else self.quantization
 
     def loaded_base_models(self) -> list[str]:
         return list(self._runners)
@@ -94,12 +108,15 @@ class InferenceEngine:
             return cached
         if path is None:
             raise KeyError(f"adapter {adapter_id!r} is not loaded and no path was given")
+        if not is_adapter_folder(Path(path)):
+            raise FileNotFoundError(f"no adapter folder at {str(path)!r} (adapter {adapter_id!r})")
+        _, meta = read_servable_config(adapter_id, path)
         if base_model is None:
-            _, meta = read_servable_config(adapter_id, path)
             base_model = meta.get("base_model_name") or self.default_base_model
             if base_model is None:
                 raise AdapterMismatchError(f"adapter {adapter_id!r} names no base model")
-        runner = self.base_model(base_model)
+        trained_over = meta.get("base_model_quantization", "none")
+        runner = self.base_model(base_model, trained_over if trained_over != "none" else None)
         with self._adapter_lock:
             cached = self.adapters.get(adapter_id)
             if cached is not None and cached.path == Path(path) and cached.base_model == base_model:
@@ -141,7 +158,7 @@ class InferenceEngine:
         base_model = base_model or self.default_base_model
         if base_model is None:
             raise GenerationValidationError("base_model", "no base model: give one, or an adapter")
-        return self.base_model(base_model).submit(inputs, params, adapter, tenant)
+        return self.base_model(base_model, self._form(adapter)).submit(inputs, params, adapter, tenant)
 
     async def asubmit(self, inputs, parameters=None, **kwargs) -> RequestHandle:
         """`submit` without blocking the event loop (tokenizing and loading run in a thread)."""
@@ -161,9 +178,11 @@ class InferenceEngine:
 
     def logits(self, sequences: Sequence[Sequence[int]], adapter_ids: Sequence[str | None], *, base_model: str) -> list[torch.Tensor]:
         """Logits of whole sequences through the serving path (adapters must be loaded)."""
-        runner = self.base_model(base_model)
         adapters = [None if a is None else self.adapter(a, base_model=base_model) for a in adapter_ids]
-        return runner.logits(sequences, adapters)
+        forms = {self._form(a) for a in adapters}
+        if len(forms) > 1:
+            raise ValueError(f"adapters over bases in different forms ({', '.join(sorted(forms))}) are not batched together")
+        return self.base_model(base_model, forms.pop()).logits(sequences, adapters)
 
     def stats(self) -> dict:
         return {

@@ -37,6 +37,7 @@ import torch
 from transformers import DynamicCache
 
 from ..adapter.folder import base_model_fingerprint
+from ..quantization import linear_shape
 from ..basemodels import eos_token_ids
 from ..data.tokenize import keep_last, left_pad, with_bos
 from .adapters import LoadedAdapter
@@ -94,7 +95,7 @@ class BaseModelRunner:
             model.set_attn_implementation("sdpa")  # the runner builds its own 4-D masks
         self.context = ForwardContext()
         layers = wrap_linears(model, self.context)
-        self.linear_shapes = {p: tuple(m.base_layer.weight.shape) for p, m in layers.items()}
+        self.linear_shapes = {p: linear_shape(m.base_layer) for p, m in layers.items()}
         self.adapter_slots = AdapterSlots(layers, self.limits.max_batch_adapters, self.device, self.dtype)
         rows = self._rows_that_fit(config)
         self.cache = SlotKVCache(config, rows, self.limits.max_total_tokens, self.device, self.dtype)

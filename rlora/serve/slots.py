@@ -72,7 +72,7 @@ class AdapterSlots:
         if (table is not None and table.rank >= rank and table.heads >= heads and table.correction_rank >= r0
                 and table.correction_heads >= n0):
             return table
-        d_out, d_in = layer.base_layer.weight.shape
+        d_out, d_in = layer.base_layer.out_features, layer.base_layer.in_features  # a 4-bit weight is stored packed
         grown = LayerTable(
             self.capacity,
             max(rank, table.rank if table else 0), max(heads, table.heads if table else 0),

@@ -70,8 +70,15 @@ def run_fingerprint(config: TrainConfig) -> str:
     but output_dir, training.compile and training.base_kernels. Compiling and the base model's
     kernels change how the steps run, not what they compute (within float rounding), so a run
     may resume with them switched; and runs
-    checkpointed before the setting existed keep their fingerprint."""
-    return _digest(config.model_dump(exclude={"output_dir": True, "training": {"compile", "base_kernels"}}))
+    checkpointed before the setting existed keep their fingerprint. A quantized base changes
+    what the steps compute: training.quantization counts, except at "none", so that runs
+    checkpointed before it existed keep theirs too."""
+    return _digest(_described(config, {}))
+
+
+def _described(config: TrainConfig, exclude: dict) -> dict:
+    unchanged = {"compile", "base_kernels"} | ({"quantization"} if config.training.quantization == "none" else set())
+    return config.model_dump(exclude={"output_dir": True, "training": unchanged, **exclude})
 
 
 def _digest(described: dict) -> str:
@@ -126,8 +133,7 @@ def resumed_run(config: TrainConfig, output_dir: Path) -> tuple[str, AdapterConf
     started = _started_run(output_dir)
     if started is None or started == run_id or adapter_config.router_init != "kaiming":
         return run_id, adapter_config
-    previous = config.model_dump(exclude={"output_dir": True, "training": {"compile", "base_kernels"}, "adapter": {"router_init"}})
-    if started != _digest(previous):
+    if started != _digest(_described(config, {"adapter": {"router_init"}})):
         return run_id, adapter_config  # another run: restore refuses it
     return started, replace(adapter_config, router_init="zero") if adapter_config.uses_random_init else adapter_config
 

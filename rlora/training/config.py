@@ -56,6 +56,10 @@ class TrainingSettings(BaseModel):
         "auto", description="the frozen model's RMSNorm, SwiGLU, RoPE and loss through Liger-kernel; auto: on CUDA where "
         "liger-kernel is installed and supports the model"
     )
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="the frozen base's linear layers through bitsandbytes: nf4 (QLoRA: 4-bit NormalFloat, double "
+        "quantization, computing in the run's precision) or int8 (LLM.int8()); the adapter stays float32"
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds sampling, dropout and the validation split: same seed, same run")
 
     @field_validator("compile", mode="before")

@@ -11,9 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from ..adapter.config import AdapterConfig
 from .config import TrainingSettings
+
+if TYPE_CHECKING:
+    from .memory import DeviceCapacity
 
 
 @dataclass(frozen=True)
@@ -40,10 +44,12 @@ def limit_problems(
     base_model: str | os.PathLike,
     train_examples: int,
     limits: TrainingLimits,
+    device: "DeviceCapacity | None" = None,
 ) -> list[LimitProblem]:
     """Every setting of a run on the base model folder ``base_model`` that is over its
-    context or over ``limits``. ``train_examples`` (the mixture's training examples) gives
-    the steps of a run measured in epochs."""
+    context or over ``limits``, and, given the ``device`` it would train on, a run whose
+    memory estimate (`rlora.training.memory`) is over that device's. ``train_examples`` (the
+    mixture's training examples) gives the steps of a run measured in epochs."""
     try:
         model = _meta_model(os.fspath(base_model))
     except (OSError, ValueError, KeyError) as err:  # a config transformers cannot read
@@ -51,6 +57,10 @@ def limit_problems(
     problems = [problem for problem in (context_problem(training, model.config),) if problem]
     problems += _work_problems(training, train_examples, limits)
     problems += _adapter_problems(adapter, model, limits)
+    if device is not None and not any(p.field == "adapter.target_modules" for p in problems):
+        from .memory import memory_problem
+
+        problems += [problem for problem in (memory_problem(model, adapter, training, device),) if problem]
     return problems
 
 
@@ -65,12 +75,22 @@ def context_problem(training: TrainingSettings, model_config) -> LimitProblem | 
 def adapter_parameters(adapter: AdapterConfig, d_in: int, d_out: int) -> int:
     """Parameters and frozen buffers an adapter adds to one (d_out, d_in) linear layer (the
     tensors of docs/design.md's adapter folder)."""
-    count = adapter.rank * d_in + adapter.heads * d_out * adapter.rank  # A, the heads B_i
-    if adapter.has_router:
-        count += adapter.heads * d_in
-    if adapter.uses_random_init:
-        count += adapter.rank * (d_in + d_out)  # the frozen correction A0, B0
-    return count
+    return adapter_trainable_parameters(adapter, d_in, d_out) + adapter_frozen_values(adapter, d_in, d_out)
+
+
+def adapter_trainable_parameters(adapter: AdapterConfig, d_in: int, d_out: int) -> int:
+    """A, the heads B_i and the router of one (d_out, d_in) layer."""
+    return adapter.rank * d_in + adapter.heads * d_out * adapter.rank + (adapter.heads * d_in if adapter.has_router else 0)
+
+
+def adapter_frozen_values(adapter: AdapterConfig, d_in: int, d_out: int) -> int:
+    """The frozen correction of random heads: A0 and, routed, the router's and the heads' start
+    (router0, B0), else the heads' mean start."""
+    if not adapter.uses_random_init:
+        return 0
+    if adapter.routes_correction:
+        return adapter.rank * d_in + adapter.heads * d_in + adapter.heads * d_out * adapter.rank
+    return adapter.rank * (d_in + d_out)
 
 
 def _work_problems(training: TrainingSettings, train_examples: int, limits: TrainingLimits) -> list[LimitProblem]:

@@ -124,13 +124,19 @@ def train(
         settings.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     base_path = resolve_base_model(config.base_model, models_dir, cache_dir)
-    model, tokenizer = load_base_model(base_path, dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
+    quantized = settings.quantization != "none"
+    # A quantized base is loaded onto its device (it cannot be moved); the adapter's tensors
+    # are made beside each layer's weight.
+    model, tokenizer = load_base_model(base_path, dtype=dtype, device=device if quantized else None,
+                                       quantization=settings.quantization)
     too_long = context_problem(settings, model.config)
     if too_long is not None:
         raise ValueError(f"{too_long.field}: {too_long.message}")
     attach(model, adapter_config)
     start_heads = initial_heads(model)  # B(0), before a resumed run restores trained heads
-    model.to(device)
+    if not quantized:
+        model.to(device)
     if settings.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     base_kernels = apply_base_kernels(model, settings.base_kernels, device)
@@ -257,6 +263,7 @@ def train(
         "peak_memory_bytes": _peak_memory(device),
         "compiled": compiled,
         "base_kernels": "liger" if base_kernels else "none",
+        "quantization": settings.quantization,
     }
     check_stop(" before saving")
     emit("phase", {"phase": "saving", "step": state.step})

@@ -126,6 +126,19 @@ class AdapterOut(BaseModel):
     eval: dict[str, Any] | None
     created_at: datetime
 
+    @computed_field(description="the form of the base model it was trained over: none, nf4 or int8 (QLoRA)")
+    @property
+    def base_model_quantization(self) -> str:
+        return self.config.get("base_model_quantization", "none")
+
+    @computed_field(description="how it is served, where that is not plainly over the base model")
+    @property
+    def serving_note(self) -> str | None:
+        if self.base_model_quantization == "none":
+            return None
+        return (f"trained over a {self.base_model_quantization}-quantized base: served over the base loaded the same way; "
+                "it also loads over the full-precision base (rlora.load), as QLoRA adapters are used")
+
 
 class KeyOut(BaseModel):
     """An API key as listed: never the key itself, which is shown only when it is made."""

@@ -50,4 +50,5 @@ def make_engine(settings: Settings, device: str | None = None) -> InferenceEngin
         limits=engine_limits(settings),
         default_base_model=settings.default_base_model,
         observer=PrometheusServingObserver(),
+        quantization=settings.inference_quantization,
     )

@@ -33,10 +33,14 @@ def queue_name(settings: Settings, device_class: str) -> str:
     return f"{settings.queue_prefix}.{device_class}"
 
 
+def device_class_for(settings: Settings, device: str) -> str:
+    """The device class of a job for ``device`` (a training setting: cpu, cuda or auto)."""
+    return {"cpu": "cpu", "cuda": "gpu"}.get(device, settings.auto_device_class)
+
+
 def queue_for(settings: Settings, device: str) -> str:
-    """The queue of a job for ``device`` (a training setting: cpu, cuda or auto)."""
-    device_class = {"cpu": "cpu", "cuda": "gpu"}.get(device, settings.auto_device_class)
-    return queue_name(settings, device_class)
+    """The queue of a job for ``device``."""
+    return queue_name(settings, device_class_for(settings, device))
 
 
 def create_celery(settings: Settings) -> Celery:

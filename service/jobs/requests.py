@@ -19,8 +19,9 @@ from rlora.basemodels import list_base_models, resolve_base_model
 from rlora.data.mixture import TaskNotInRecords, entry_tasks, held_out_count
 from rlora.training.config import MixtureEntry, TrainConfig, TrainingSettings
 from rlora.training.limits import TrainingLimits, limit_problems
+from rlora.training.memory import DeviceCapacity
 from service.ids import could_exist
-from service.jobs.queue import queue_for
+from service.jobs.queue import device_class_for, queue_for
 from service.jobs.states import Status
 from service.jobs.storage import blob_path
 from service.models import File, Job
@@ -135,7 +136,10 @@ def _limit_problems(settings: Settings, config: TrainConfig, job: Job, files: Ma
             train_examples += records - held_out
     # The library's limits are the settings of the same names.
     limits = TrainingLimits(**{field.name: getattr(settings, field.name) for field in fields(TrainingLimits)})
-    found = limit_problems(config.training, config.adapter_config, base_model, train_examples, limits)
+    device_class = device_class_for(settings, config.training.device)
+    memory = settings.gpu_memory_bytes if device_class == "gpu" else settings.cpu_memory_bytes
+    device = None if memory is None else DeviceCapacity(memory, cuda=device_class == "gpu", name=f"{device_class} worker's")
+    found = limit_problems(config.training, config.adapter_config, base_model, train_examples, limits, device)
     return [{"field": problem.field, "message": problem.message} for problem in found]
 
 
